@@ -1,0 +1,285 @@
+"""``LoRABatch``: which adapters each sample of a forward pass uses, as CSR device tensors.
+
+A batch of ``S`` samples is described by one *mixture* per sample: a mapping
+``{adapter: strength}`` (empty = the base model). The batch stores them in CSR form::
+
+    entry_ptr    int32 [S+1]    entries of sample s are entry_ptr[s]:entry_ptr[s+1]
+    entry_slot   int32 [E_cap]  slot id of each entry (the adapter's global id)
+    entry_weight f32   [E_cap]  strength of each entry
+
+``E_cap >= E`` is a capacity: :meth:`LoRABatch.fill_` rewrites the tensors in place, so a batch
+object (and a compiled graph or CUDA graph that holds its tensors) can be reused with other
+mixtures of the same sample count.
+
+Rows: the input of a layer has ``M`` rows, in sample order. By default every sample owns
+``M / S`` consecutive rows (a ``[S, T, K]`` activation flattened, or ``[S*G, T, K]`` where each
+sample owns ``G`` consecutive batch items). Packed variable-length samples give
+``rows_per_sample`` instead, which fixes ``row_ptr`` (int32 ``[S+1]``).
+
+Expansion for diffusion (:meth:`LoRABatch.expand`), matching diffusers' batch order:
+``images_per_prompt`` repeats each sample that many times consecutively
+(``[p0, p0, p1, p1]``), then ``guidance=True`` prepends the unconditional half:
+``[uncond p0, uncond p0, uncond p1, uncond p1, cond p0, cond p0, cond p1, cond p1]``. The
+unconditional half gets the same mixtures as the conditional half (what A1111 does, since it
+merges the LoRA into the weights for both halves); ``uncond_mixtures="empty"`` gives the
+unconditional half the base model instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Mixture = Mapping[str | int, float]
+"""One sample's adapters and strengths, keyed by adapter name or slot id."""
+
+
+def _resolve_slot(key: str | int, slots: Mapping[str, int] | None, sample: int) -> int:
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise TypeError(f"mixtures[{sample}]: adapter keys must be names or slot ids, got {key!r}")
+    if isinstance(key, int):
+        if key < 0:
+            raise ValueError(f"mixtures[{sample}]: slot id must be >= 0, got {key}")
+        return key
+    if slots is None:
+        raise TypeError(
+            f"mixtures[{sample}] names adapter {key!r} but no name -> slot table was given "
+            "(pass slots=..., or use slot ids)"
+        )
+    if key not in slots:
+        known = ", ".join(sorted(slots)) or "(none loaded)"
+        raise KeyError(f"mixtures[{sample}]: unknown adapter {key!r}; known adapters: {known}")
+    return slots[key]
+
+
+def _canonical(
+    mixtures: Sequence[Mixture], slots: Mapping[str, int] | None
+) -> tuple[tuple[tuple[int, float], ...], ...]:
+    """Validate mixtures and turn them into ``((slot, strength), ...)`` per sample."""
+    if isinstance(mixtures, Mapping) or not isinstance(mixtures, Sequence):
+        raise TypeError("mixtures must be a sequence with one {adapter: strength} per sample")
+    out = []
+    for s, mix in enumerate(mixtures):
+        if mix is None:
+            mix = {}
+        if not isinstance(mix, Mapping):
+            raise TypeError(f"mixtures[{s}] must be a mapping adapter -> strength, got {mix!r}")
+        merged: dict[int, float] = {}
+        for key, strength in mix.items():
+            slot = _resolve_slot(key, slots, s)
+            try:
+                w = float(strength)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"mixtures[{s}][{key!r}]: strength must be a number, got {strength!r}"
+                ) from None
+            if not math.isfinite(w):
+                raise ValueError(f"mixtures[{s}][{key!r}]: strength must be finite, got {w}")
+            # the same adapter named twice (by name and by slot) adds up, as stacked tags do
+            merged[slot] = merged.get(slot, 0.0) + w
+        # strength-0 entries cost compute and change nothing: drop them
+        out.append(tuple((k, w) for k, w in merged.items() if w != 0.0))
+    return tuple(out)
+
+
+class LoRABatch:
+    """The per-forward adapter map shared by every patched layer.
+
+    Build it once per forward pass with :meth:`from_mixtures`; every layer reads the same
+    tensors. See the module docstring for the CSR layout, the row layout and expansion.
+
+    Attributes:
+        num_samples: ``S``.
+        mixtures: host copy, ``((slot, strength), ...)`` per sample (strength-0 entries dropped).
+        rows_per_sample: ``None`` (every sample owns ``M / S`` rows) or the row count of each.
+        max_entries: capacity bound on entries per sample (``>=`` the real maximum).
+    """
+
+    def __init__(
+        self,
+        mixtures: tuple[tuple[tuple[int, float], ...], ...],
+        *,
+        device: torch.device | str | None = None,
+        rows_per_sample: Sequence[int] | None = None,
+        entry_capacity: int | None = None,
+        max_entries: int | None = None,
+    ) -> None:
+        self.device = torch.device(device if device is not None else "cpu")
+        self.num_samples = len(mixtures)
+        if self.num_samples == 0:
+            raise ValueError("mixtures: a batch needs at least one sample")
+        self.rows_per_sample: tuple[int, ...] | None = None
+        self.row_ptr: Tensor | None = None
+        if rows_per_sample is not None:
+            rows = [int(r) for r in rows_per_sample]
+            if len(rows) != self.num_samples:
+                raise ValueError(
+                    f"rows_per_sample has {len(rows)} entries for {self.num_samples} samples"
+                )
+            if any(r < 0 for r in rows):
+                raise ValueError("rows_per_sample: row counts must be >= 0")
+            self.rows_per_sample = tuple(rows)
+            ptr = [0]
+            for r in rows:
+                ptr.append(ptr[-1] + r)
+            self.row_ptr = torch.tensor(ptr, dtype=torch.int32, device=self.device)
+        num_entries = sum(len(m) for m in mixtures)
+        cap = max(num_entries, entry_capacity or 0, 1)
+        self.entry_ptr = torch.zeros(self.num_samples + 1, dtype=torch.int32, device=self.device)
+        self.entry_slot = torch.zeros(cap, dtype=torch.int32, device=self.device)
+        self.entry_weight = torch.zeros(cap, dtype=torch.float32, device=self.device)
+        self._max_entries_cap = max_entries or 0
+        self.mixtures = mixtures
+        self._write(mixtures)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mixtures(
+        cls,
+        mixtures: Sequence[Mixture],
+        slots: Mapping[str, int] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        rows_per_sample: Sequence[int] | None = None,
+        entry_capacity: int | None = None,
+    ) -> LoRABatch:
+        """Build a batch from one ``{adapter: strength}`` mapping per sample.
+
+        Args:
+            mixtures: ``S`` mappings; keys are adapter names (resolved through ``slots``) or
+                integer slot ids; strengths are finite floats (0 drops the entry).
+            slots: name -> slot table (``MultiLoRA`` owns one); unknown names raise ``KeyError``
+                listing the known ones.
+            device: where the CSR tensors live (the layer's device).
+            rows_per_sample: packed variable-length rows; default equal-length samples.
+            entry_capacity: minimum ``E_cap`` so that later :meth:`fill_` calls fit in place.
+        """
+        return cls(
+            _canonical(mixtures, slots),
+            device=device,
+            rows_per_sample=rows_per_sample,
+            entry_capacity=entry_capacity,
+        )
+
+    def _write(self, mixtures: tuple[tuple[tuple[int, float], ...], ...]) -> None:
+        ptr, slot, weight = [0], [], []
+        for mix in mixtures:
+            for k, w in mix:
+                slot.append(k)
+                weight.append(w)
+            ptr.append(len(slot))
+        e = len(slot)
+        # One host->device copy per tensor; the tail past E keeps stale values that no
+        # sample's entry range reaches.
+        self.entry_ptr.copy_(torch.tensor(ptr, dtype=torch.int32))
+        if e:
+            self.entry_slot[:e].copy_(torch.tensor(slot, dtype=torch.int32))
+            self.entry_weight[:e].copy_(torch.tensor(weight, dtype=torch.float32))
+        self.mixtures = mixtures
+        real_max = max((len(m) for m in mixtures), default=0)
+        self._max_entries_cap = max(self._max_entries_cap, real_max)
+
+    def fill_(self, mixtures: Sequence[Mixture], slots: Mapping[str, int] | None = None) -> None:
+        """Rewrite this batch in place with new mixtures for the same samples.
+
+        Raises ``ValueError`` if the sample count differs or the entries exceed the capacity
+        (then build a new batch). Tensors keep their identity, so graphs holding them stay valid.
+        """
+        canon = _canonical(mixtures, slots)
+        if len(canon) != self.num_samples:
+            raise ValueError(
+                f"mixtures has {len(canon)} samples; this batch was built for {self.num_samples}"
+            )
+        e = sum(len(m) for m in canon)
+        if e > self.entry_slot.numel():
+            raise ValueError(
+                f"mixtures have {e} entries; this batch holds at most {self.entry_slot.numel()}"
+            )
+        self._write(canon)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def max_entries(self) -> int:
+        """Upper bound on mixture entries per sample (never shrinks across :meth:`fill_`)."""
+        return self._max_entries_cap
+
+    @property
+    def num_entries(self) -> int:
+        return int(sum(len(m) for m in self.mixtures))
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no sample uses any adapter (the base model for everyone)."""
+        return all(len(m) == 0 for m in self.mixtures)
+
+    def rows_for(self, num_rows: int, argname: str = "x") -> tuple[Tensor, int]:
+        """``(row_ptr, max_rows)`` for a layer input with ``num_rows`` rows.
+
+        Equal-length batches split the rows into ``S`` equal consecutive segments; packed
+        batches require ``num_rows == sum(rows_per_sample)``.
+        """
+        if self.rows_per_sample is not None:
+            total = sum(self.rows_per_sample)
+            if num_rows != total:
+                raise ValueError(
+                    f"{argname} has {num_rows} rows but the batch's rows_per_sample sum to {total}"
+                )
+            assert self.row_ptr is not None
+            return self.row_ptr, max(self.rows_per_sample)
+        s = self.num_samples
+        if num_rows % s != 0:
+            raise ValueError(
+                f"{argname} has {num_rows} rows (batch x tokens), which the batch's {s} samples "
+                "do not divide; pass rows_per_sample for packed variable-length samples"
+            )
+        per = num_rows // s
+        ptr = torch.arange(0, s + 1, dtype=torch.int32, device=self.device) * per
+        return ptr, per
+
+    # ------------------------------------------------------------------ expansion
+    def expand(
+        self,
+        *,
+        images_per_prompt: int = 1,
+        guidance: bool = False,
+        uncond_mixtures: Literal["same", "empty"] = "same",
+    ) -> LoRABatch:
+        """Expand a per-prompt batch to the UNet's batch (see the module docstring for order)."""
+        if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt must be an int >= 1, got {images_per_prompt!r}")
+        if uncond_mixtures not in ("same", "empty"):
+            raise ValueError(f"uncond_mixtures must be 'same' or 'empty', got {uncond_mixtures!r}")
+        mixes = tuple(m for m in self.mixtures for _ in range(images_per_prompt))
+        rows = None
+        if self.rows_per_sample is not None:
+            rows = tuple(r for r in self.rows_per_sample for _ in range(images_per_prompt))
+        if guidance:
+            uncond = mixes if uncond_mixtures == "same" else tuple(() for _ in mixes)
+            mixes = uncond + mixes
+            rows = None if rows is None else rows + rows
+        return LoRABatch(mixes, device=self.device, rows_per_sample=rows)
+
+    def to(self, device: torch.device | str) -> LoRABatch:
+        """The same batch with its tensors on ``device``."""
+        if torch.device(device) == self.device:
+            return self
+        return LoRABatch(
+            self.mixtures,
+            device=device,
+            rows_per_sample=self.rows_per_sample,
+            entry_capacity=self.entry_slot.numel(),
+            max_entries=self._max_entries_cap,
+        )
+
+    def slots_in_use(self) -> set[int]:
+        return {k for mix in self.mixtures for k, _ in mix}
+
+    def __repr__(self) -> str:
+        return (
+            f"LoRABatch(S={self.num_samples}, E={self.num_entries}, "
+            f"E_cap={self.entry_slot.numel()}, device={self.device})"
+        )

@@ -1,0 +1,143 @@
+"""Drop-in layers: ``nn.Linear`` / ``nn.Conv2d`` subclasses that add the per-sample LoRA term.
+
+Each patched layer keeps the original ``weight``/``bias`` parameters (same objects, same
+``state_dict`` keys), owns a :class:`~lorakernels.bank.LoRABank` (non-persistent buffers), and
+reads the active :class:`~lorakernels.batch.LoRABatch` from a :class:`LoRAContext` shared by
+all layers of a model: setting ``context.batch`` once reaches every layer, with no per-layer
+hooks. With no active batch, or a batch where nobody uses an adapter, a layer runs exactly the
+original ``F.linear``/``F.conv2d`` (bit-identical output).
+
+Convolutions: a 1x1 convolution (stride 1, no padding, one group; SD1.5's ``proj_in`` /
+``proj_out``) runs the fused linear path on its ``B*H*W`` pixel rows. Any other convolution
+(LoCon's k x k resnet convs) computes the base ``conv2d`` once and the LoRA term per run of
+samples as ``conv2d(conv2d(x, A), B)``: correct, not fused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bank import LoRABank
+from .batch import LoRABatch
+from .ops import multi_lora_conv2d, multi_lora_linear
+
+
+class LoRAContext:
+    """State shared by every patched layer of one model: the active batch and backend."""
+
+    def __init__(self, backend: str | None = None) -> None:
+        self.batch: LoRABatch | None = None
+        self.backend = backend
+
+
+def _active(ctx: LoRAContext | None, bank: LoRABank) -> LoRABatch | None:
+    if ctx is None or ctx.batch is None:
+        return None
+    if not torch.compiler.is_compiling() and (ctx.batch.is_empty or bank.used_rows == 0):
+        # host-known "nobody uses a LoRA here": run the original layer exactly; while
+        # compiling, skip this data-dependent shortcut so the graph never specialises on it
+        return None
+    return ctx.batch
+
+
+class MultiLoRALinear(nn.Linear):
+    """``nn.Linear`` plus per-sample LoRA mixtures; build with :meth:`from_linear`."""
+
+    lora_bank: LoRABank
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, context: LoRAContext | None = None) -> MultiLoRALinear:
+        """Wrap ``linear`` in place: the new layer shares its parameters (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        w = linear.weight
+        self.lora_bank = LoRABank(
+            self.in_features, self.out_features, dtype=w.dtype, device=w.device
+        )
+        self.lora_context = context
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = _active(self.lora_context, self.lora_bank)
+        if batch is None:
+            return F.linear(x, self.weight, self.bias)
+        return multi_lora_linear(
+            x, self.weight, self.bias, self.lora_bank, batch, backend=self.lora_context.backend
+        )
+
+    def unpatched(self) -> nn.Linear:
+        """A plain ``nn.Linear`` sharing this layer's parameters."""
+        out = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(out)
+        out.in_features, out.out_features = self.in_features, self.out_features
+        out.weight, out.bias = self.weight, self.bias
+        return out
+
+
+class MultiLoRAConv2d(nn.Conv2d):
+    """``nn.Conv2d`` plus per-sample LoRA mixtures (NCHW); build with :meth:`from_conv`.
+
+    The bank stores ``A`` flattened to ``[r, C_in * kh * kw]`` and ``B`` as ``[C_out, r]``.
+    """
+
+    lora_bank: LoRABank
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, context: LoRAContext | None = None) -> MultiLoRAConv2d:
+        """Wrap ``conv`` in place: the new layer shares its parameters (no copy)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        for name in (
+            "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+            "transposed", "output_padding", "groups", "padding_mode",
+            "_reversed_padding_repeated_twice",
+        ):  # fmt: skip
+            setattr(self, name, getattr(conv, name))
+        self.weight = conv.weight
+        self.bias = conv.bias
+        if conv.groups != 1:
+            raise ValueError("grouped convolutions have no LoRA support (groups must be 1)")
+        k = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        w = conv.weight
+        self.lora_bank = LoRABank(k, conv.out_channels, dtype=w.dtype, device=w.device)
+        self.lora_context = context
+        return self
+
+    @property
+    def is_pointwise(self) -> bool:
+        """1x1, stride 1, no padding: runs as a linear layer over pixel rows (fused path)."""
+        return (
+            self.kernel_size == (1, 1)
+            and self.stride == (1, 1)
+            and self.padding in ((0, 0), "valid")
+            and self.padding_mode == "zeros"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = _active(self.lora_context, self.lora_bank)
+        if batch is None:
+            return self._conv_forward(x, self.weight, self.bias)
+        backend = self.lora_context.backend
+        if self.is_pointwise and x.dim() == 4:
+            b, c, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+            y = multi_lora_linear(
+                rows, self.weight.view(self.out_channels, c), self.bias, self.lora_bank, batch,
+                backend=backend,
+            )  # fmt: skip
+            # back to NCHW values; the memory stays channels-last, which conv2d consumes fine
+            return y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
+        base = self._conv_forward(x, self.weight, self.bias)
+        return multi_lora_conv2d(
+            x, base, self.lora_bank, batch, self.weight.shape, self.stride,
+            self.padding, self.dilation,
+        )  # fmt: skip
