@@ -69,6 +69,7 @@ class LoRABank(nn.Module):
         # host mirror: slot -> (start, rank, scale); the source of truth for planning
         self._slots: dict[int, tuple[int, int, float]] = {}
         self._used = 0
+        self._max_rank = 0  # kept as a plain int so torch.compile reads it as a constant
 
     # ------------------------------------------------------------------ queries
     @property
@@ -79,7 +80,7 @@ class LoRABank(nn.Module):
     @property
     def max_rank(self) -> int:
         """Largest resident rank (0 when empty): the kernels' rank bound."""
-        return max((r for _, r, _ in self._slots.values()), default=0)
+        return self._max_rank
 
     def slots(self) -> dict[int, tuple[int, int, float]]:
         """``{slot: (start, rank, scale)}`` of the resident adapters (a copy)."""
@@ -158,6 +159,7 @@ class LoRABank(nn.Module):
         self.slot_scale[slot] = scale
         self._slots[slot] = (start, r, float(scale))
         self._used += r
+        self._max_rank = max(self._max_rank, r)
 
     def remove(self, slot: int) -> None:
         """Drop adapter ``slot`` and compact the rows behind it (a no-op if not resident)."""
@@ -170,6 +172,7 @@ class LoRABank(nn.Module):
             self.lora_a[start : end - r] = self.lora_a[start + r : end].clone()
             self.lora_bt[start : end - r] = self.lora_bt[start + r : end].clone()
         self._used -= r
+        self._max_rank = max((rk for _, rk, _ in self._slots.values()), default=0)
         self.slot_rank[slot] = 0
         self.slot_scale[slot] = 0.0
         self.slot_start[slot] = 0

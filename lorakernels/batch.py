@@ -146,6 +146,7 @@ class LoRABatch:
         device: torch.device | str | None = None,
         rows_per_sample: Sequence[int] | None = None,
         entry_capacity: int | None = None,
+        max_entries: int | None = None,
     ) -> LoRABatch:
         """Build a batch from one ``{adapter: strength}`` mapping per sample.
 
@@ -157,12 +158,15 @@ class LoRABatch:
             device: where the CSR tensors live (the layer's device).
             rows_per_sample: packed variable-length rows; default equal-length samples.
             entry_capacity: minimum ``E_cap`` so that later :meth:`fill_` calls fit in place.
+            max_entries: minimum bound on entries per sample reported to kernels; a fixed
+                bound keeps compiled graphs from specialising on the current mixtures.
         """
         return cls(
             _canonical(mixtures, slots),
             device=device,
             rows_per_sample=rows_per_sample,
             entry_capacity=entry_capacity,
+            max_entries=max_entries,
         )
 
     def _write(self, mixtures: tuple[tuple[tuple[int, float], ...], ...]) -> None:

@@ -273,7 +273,7 @@ class MultiLoRA:
         n = sum(len(m) for m in mixtures)
         batch = LoRABatch.from_mixtures(
             mixtures, self.slots, device=self._device(), rows_per_sample=rows,
-            entry_capacity=max(16, 2 * n),
+            entry_capacity=max(16, 2 * n), max_entries=4,
         )  # fmt: skip
         self._batches[key] = batch
         return batch

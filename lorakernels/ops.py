@@ -74,8 +74,13 @@ def use_backend(name: str) -> Iterator[None]:
         _backend_stack.pop()
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """The backend a call on ``device`` will use (raises if an explicit choice cannot run)."""
+    """The backend a call on ``device`` will use (raises if an explicit choice cannot run).
+
+    Under ``torch.compile`` this runs once at trace time and the choice is baked into the
+    graph (it imports modules and reads the environment, which dynamo must not trace).
+    """
     explicit, source = backend, "backend="
     if explicit is None and _backend_stack:
         explicit, source = _backend_stack[-1], "use_backend()"
@@ -124,6 +129,34 @@ def _multi_lora_linear_op(
 @_multi_lora_linear_op.register_fake
 def _(x, weight, bias, *args, **kwargs):  # noqa: ANN001 - mirrors the op's signature
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):  # noqa: ANN001 - torch.library signature
+    ctx.inputs = inputs
+    ctx.bias_shape = None if inputs[2] is None else inputs[2].shape
+
+
+def _backward(ctx, grad):  # noqa: ANN001 - torch.library signature
+    """Gradients for x, weight and bias (the bank and batch are constants).
+
+    The input gradient is the same op on the transposed problem:
+    ``dx = dy @ W + Σ coef * (dy @ B) @ A`` is ``multi_lora_linear`` with ``W.T`` as the
+    weight and the bank's ``A``/``B.T`` rows swapped.
+    """
+    x, weight, bias, lora_a, lora_bt, *rest = ctx.inputs
+    slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot, entry_weight = rest[:7]
+    max_rows, max_entries, max_rank, backend = rest[7:]
+    grad = grad.contiguous()
+    dx = _multi_lora_linear_op(
+        grad, weight.T.contiguous(), None, lora_bt, lora_a, slot_start, slot_rank, slot_scale,
+        row_ptr, entry_ptr, entry_slot, entry_weight, max_rows, max_entries, max_rank, backend,
+    )  # fmt: skip
+    dw = grad.T @ x
+    db = grad.sum(0) if bias is not None else None
+    return (dx, dw, db) + (None,) * 13
+
+
+_multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------- validation
