@@ -134,6 +134,7 @@ class LoRABatch:
         self.entry_weight = torch.zeros(cap, dtype=torch.float32, device=self.device)
         self._max_entries_cap = max_entries or 0
         self.mixtures = mixtures
+        self.version = 0  # bumped by every rewrite, so caches keyed on a batch can tell
         self._write(mixtures)
 
     # ------------------------------------------------------------------ construction
@@ -184,6 +185,7 @@ class LoRABatch:
             self.entry_slot[:e].copy_(torch.tensor(slot, dtype=torch.int32))
             self.entry_weight[:e].copy_(torch.tensor(weight, dtype=torch.float32))
         self.mixtures = mixtures
+        self.version += 1
         real_max = max((len(m) for m in mixtures), default=0)
         self._max_entries_cap = max(self._max_entries_cap, real_max)
 

@@ -114,6 +114,10 @@ class MultiLoRA:
                 self._patch(n)
 
     # ------------------------------------------------------------------ patching
+    def patch(self, name: str) -> MultiLoRALinear | MultiLoRAConv2d:
+        """Patch one more layer by module path (idempotent); it starts with no adapters."""
+        return self._patch(name)
+
     def _patch(self, name: str) -> MultiLoRALinear | MultiLoRAConv2d:
         if name in self.layers:
             return self.layers[name]

@@ -62,10 +62,28 @@ class MultiLoRALinear(nn.Linear):
             self.in_features, self.out_features, dtype=w.dtype, device=w.device
         )
         self.lora_context = context
+        self.output_cache = None
         return self
+
+    def enable_output_cache(self, enabled: bool = True) -> None:
+        """Reuse the last output while the *same* input tensor (same object, unmodified) and
+        the same batch come back: cross-attention ``to_k``/``to_v`` see the prompt embedding,
+        which is identical at every denoising step. Off by default; eager mode only."""
+        self.output_cache = {} if enabled else None
 
     def forward(self, x: Tensor) -> Tensor:
         batch = _active(self.lora_context, self.lora_bank)
+        cache = self.output_cache
+        if cache is not None and not torch.compiler.is_compiling():
+            key = (x._version, None if batch is None else batch.version)
+            if cache.get("x") is x and cache.get("batch") is batch and cache.get("key") == key:
+                return cache["y"]
+            y = self._compute(x, batch)
+            cache.update(x=x, batch=batch, key=key, y=y)
+            return y
+        return self._compute(x, batch)
+
+    def _compute(self, x: Tensor, batch: LoRABatch | None) -> Tensor:
         if batch is None:
             return F.linear(x, self.weight, self.bias)
         return multi_lora_linear(

@@ -1,0 +1,1 @@
+"""Framework integrations (imported lazily: ``import lorakernels`` does not import them)."""
