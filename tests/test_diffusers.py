@@ -245,3 +245,64 @@ def test_failed_file_load_leaves_pipeline_unchanged(tmp_path, lora_dir):
         lora.load(path)
     assert {c: dict(m.slots) for c, m in lora.managers.items()} == state
     assert lora.loaded == ["ink"]
+
+
+def _tiny_sdxl_pipeline():
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    torch.manual_seed(0)
+    # the two encoders' hidden states are concatenated: 16 + 16 = the UNet's 32
+    te1, te2 = tiny_clip(hidden=16), tiny_clip(projection=True, hidden=16)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=4 * 6 + 16,
+    ).eval()  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+    )  # fmt: skip
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=copy.deepcopy(te1), text_encoder_2=copy.deepcopy(te2),
+        tokenizer=_tokenizer(), tokenizer_2=_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_generate_with_both_text_encoders(tmp_path):
+    from lora_files import SDXL_KOHYA_PREFIX
+
+    pipe = _tiny_sdxl_pipeline()
+    layers = make_layers(
+        {
+            "unet": lora_targets(pipe.unet, "kohya"),
+            "text_encoder": lora_targets(pipe.text_encoder, "text"),
+            "text_encoder_2": lora_targets(pipe.text_encoder_2, "text"),
+        },
+        rank=4, alpha=2.0, seed=7,
+    )  # fmt: skip
+    sd = {k: v * 0.5 for k, v in kohya_state_dict(layers, SDXL_KOHYA_PREFIX, pipe.unet).items()}
+    save(tmp_path / "xl_style.safetensors", sd)
+    lora = patch(pipe)
+    lora.load_dir(tmp_path)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["<lora:xl_style:1> a cat", "a cat"]
+    batched = _run(pipe, prompts, latents)
+    assert set(lora.managers) == {"unet", "text_encoder", "text_encoder_2"}
+    assert all("xl_style" in m.slots for m in lora.managers.values())
+    atol = 2e-5 * float(batched.abs().max())  # Euler latents are scaled by sigma (~15)
+    single = _run(pipe, prompts[:1], latents[:1])
+    torch.testing.assert_close(batched[:1], single, rtol=1e-4, atol=atol)
+    base = _run(pipe, prompts[1:], latents[1:])
+    torch.testing.assert_close(batched[1:], base, rtol=1e-4, atol=atol)
+    assert (batched[0] - batched[1]).abs().max() > 1e-3
