@@ -221,6 +221,11 @@ def test_op_argument_errors():
             "do not divide",
         ),
         (lambda: f(x, w, b, bank, lk.LoRABatch.from_mixtures([{3: 1.0}])), ValueError, "slot"),
+        # device mismatches, with the meta device standing in for a second device
+        (lambda: f(x, w.to("meta"), b, bank, batch), ValueError, "weight is on meta"),
+        (lambda: f(x, w, b.to("meta"), bank, batch), ValueError, "bias is on meta"),
+        (lambda: f(x, w, b, lk.LoRABank(8, 4, device="meta"), batch), ValueError, "bank is on"),
+        (lambda: f(x, w, b, bank, batch.to("meta")), ValueError, "batch is on meta"),
     ]
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
