@@ -28,6 +28,7 @@ Batch semantics (documented choices):
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -245,6 +246,13 @@ class DiffusersLoRA:
         if isinstance(prompts, str):
             prompts = [prompts]
         parsed = parse_prompts(list(prompts), known=self.spellings, on_unknown=on_unknown)
+        dyn = sorted({t.name for p in parsed for t in p.tags if t.dyn is not None})
+        if dyn:
+            warnings.warn(
+                f"DyLoRA rank truncation (dyn=) is parsed but not applied; full rank used for "
+                f"{dyn}",
+                stacklevel=2,
+            )
         self.ensure_loaded(sorted({n for p in parsed for n in (*p.unet, *p.text_encoder)}))
         te_mixes = [p.text_encoder for p in parsed]
         unet_mixes = [p.unet for p in parsed]
