@@ -1,0 +1,99 @@
+"""Triton backend: a fused one-pass kernel and a shrink/expand pair (the default on CUDA).
+
+Semantics, argument table and the ``t`` layout of the pair: :mod:`lorakernels.kernels`.
+
+* :func:`multi_lora_linear` -> ``[M, N]`` in ``x.dtype``. Picks the fused kernel or
+  base GEMM + pair by :func:`.dispatch.choose` (shapes and ``meta`` only; the cost reasoning is
+  in :mod:`.dispatch`). Fused rounds once; base + pair rounds the base output, then once more.
+* :func:`lora_shrink` -> fp32 ``t [M, meta.max_entries * meta.max_rank]``.
+* :func:`lora_expand` adds the LoRA term onto ``y`` in place.
+
+Runs on CUDA tensors, and on CPU tensors under Triton's interpreter when ``TRITON_INTERPRET=1``
+was set before the kernels were first imported (:func:`unavailable_reason` says which).
+Importing this package needs neither triton nor a GPU; the kernel modules are imported on the
+first call. Every launch is CUDA-graph safe: grids and scratch sizes come from shapes and the
+``LaunchMeta`` capacities, never from device values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import LaunchMeta
+
+__all__ = ["lora_expand", "lora_shrink", "multi_lora_linear", "unavailable_reason"]
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """``None`` when the kernels can run on ``device`` tensors, else the reason."""
+    try:
+        from .launch import unavailable_reason as reason
+    except ImportError as exc:  # triton missing or broken: report, do not fail the import
+        return f"the triton backend needs the triton package, which failed to import ({exc})"
+    return reason(torch.device(device))
+
+
+def multi_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_bt: Tensor,
+    slot_start: Tensor,
+    slot_rank: Tensor,
+    slot_scale: Tensor,
+    row_ptr: Tensor,
+    entry_ptr: Tensor,
+    entry_slot: Tensor,
+    entry_weight: Tensor,
+    meta: LaunchMeta,
+) -> Tensor:
+    """``y [M, N] = x @ weight.T + bias + sum of each sample's LoRA terms``, in ``x.dtype``."""
+    from .launch import plan_multi_lora_linear
+
+    return plan_multi_lora_linear(
+        x, weight, bias, lora_a, lora_bt, slot_start, slot_rank, slot_scale,
+        row_ptr, entry_ptr, entry_slot, entry_weight, meta,
+    )()  # fmt: skip
+
+
+def lora_shrink(
+    x: Tensor,
+    lora_a: Tensor,
+    slot_start: Tensor,
+    slot_rank: Tensor,
+    row_ptr: Tensor,
+    entry_ptr: Tensor,
+    entry_slot: Tensor,
+    meta: LaunchMeta,
+) -> Tensor:
+    """fp32 ``t [M, meta.max_entries * meta.max_rank]``: entry ``j`` of a row's sample in
+    columns ``j * max_rank : j * max_rank + rank`` (other columns are unspecified)."""
+    from .launch import plan_lora_shrink
+
+    return plan_lora_shrink(
+        x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, meta
+    )()
+
+
+def lora_expand(
+    y: Tensor,
+    t: Tensor,
+    lora_bt: Tensor,
+    slot_start: Tensor,
+    slot_rank: Tensor,
+    slot_scale: Tensor,
+    row_ptr: Tensor,
+    entry_ptr: Tensor,
+    entry_slot: Tensor,
+    entry_weight: Tensor,
+    meta: LaunchMeta,
+) -> None:
+    """``y += entry_weight * slot_scale * t_entry @ lora_bt_rows`` per sample, in place."""
+    from .launch import plan_lora_expand
+
+    plan_lora_expand(
+        y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
+        entry_weight, meta,
+    )()  # fmt: skip

@@ -1,0 +1,456 @@
+"""Host side of the Triton backend: checks, grid sizes and launch plans.
+
+A :class:`Launch` is everything one call launches, built from shapes, strides, dtypes and the
+:class:`~lorakernels.kernels.LaunchMeta` capacities only. Building it reads no device value
+(it even works on ``device="meta"`` tensors, which the tests use to prove it), so calling it
+again after the batch tensors were changed in place is exactly what a CUDA-graph replay does.
+
+Constraints checked here (``lorakernels.ops`` has already checked meaning and shapes): dtypes
+fp16/bf16/fp32 with one dtype for ``x``/``weight``/``bias``/bank, ``int32`` index tensors,
+``float32`` scales and strengths; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .. import LaunchMeta
+from . import dispatch
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+# Samples examined per step by the tile -> sample search (one vector load of row_ptr).
+_BLOCK_S = 64
+
+
+@dataclass
+class Launch:
+    """A fixed sequence of launches writing into ``out``; call it to run (or re-run) them."""
+
+    out: Tensor
+    steps: list[Callable[[], object]] = field(default_factory=list)
+    # Host-side description of each step (kernel, grid, runtime arguments, compile-time
+    # constants and launch options), for tests, the AOT compile check and debugging.
+    records: list[dict] = field(default_factory=list)
+
+    def __call__(self) -> Tensor:
+        for step in self.steps:
+            step()
+        return self.out
+
+
+def interpreting() -> bool:
+    """True when the kernels were built by Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .fused import _fused_multi_lora_kernel
+
+    return isinstance(_fused_multi_lora_kernel, InterpretedFunction)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` tensors, or ``None`` if they can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"the triton backend needs the triton package, which failed to import ({exc})"
+    interpret_env = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "the triton backend got CUDA tensors but torch reports no usable CUDA device"
+        major, _ = _cuda_properties(device.index if device.index is not None else 0)
+        if major < 8:
+            # bf16 tensor-core MMA and cp.async pipelining, which the config tables assume.
+            return f"the triton backend needs compute capability 8.0 or newer, got {major}.x"
+        return None
+    if device.type == "cpu":
+        if not interpret_env:
+            return (
+                "the triton backend runs on CUDA tensors; on CPU tensors only under Triton's "
+                "interpreter (set TRITON_INTERPRET=1 before lorakernels' triton kernels are "
+                "imported)"
+            )
+        if not interpreting():
+            return (
+                "TRITON_INTERPRET=1 was set after lorakernels' triton kernels were compiled "
+                "for the GPU; set it before they are first imported"
+            )
+        return None
+    return (
+        f"the triton backend runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), not {device}"
+    )
+
+
+def _dtype_name(x: Tensor, argname: str = "x") -> str:
+    try:
+        return _DTYPE_NAMES[x.dtype]
+    except KeyError:
+        raise TypeError(
+            f"{argname}: the triton backend supports float16, bfloat16 and float32, got {x.dtype}"
+        ) from None
+
+
+def _check(x: Tensor, named: dict[str, Tensor | None], dtypes: dict[str, torch.dtype]) -> None:
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        want = dtypes.get(name, x.dtype)
+        if tensor.dtype != want:
+            raise TypeError(f"{name}: expected dtype {want}, got {tensor.dtype}")
+    if x.device.type == "meta":
+        return  # planning only (tests): nothing will be launched
+    reason = unavailable_reason(x.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+_INDEX_DTYPES = {
+    "slot_start": torch.int32,
+    "slot_rank": torch.int32,
+    "slot_scale": torch.float32,
+    "row_ptr": torch.int32,
+    "entry_ptr": torch.int32,
+    "entry_slot": torch.int32,
+    "entry_weight": torch.float32,
+    "t": torch.float32,
+}
+
+
+def _check_meta(meta: LaunchMeta) -> None:
+    for name in ("max_rows", "max_entries", "max_rank"):
+        value = getattr(meta, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"meta.{name} must be a non-negative int, got {value!r}")
+
+
+def _numerics(dtype: str, interpret: bool) -> dict:
+    """Compile-time numerics switches shared by the three kernels."""
+    return {
+        # Exact fp32 for fp32 inputs (torch's fp32 matmul is not TF32 by default); the value
+        # is ignored for fp16/bf16 operands.
+        "INPUT_PRECISION": "ieee" if dtype == "float32" else "tf32",
+        "UPCAST": interpret and dtype == "bfloat16",
+    }
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _row_tiles(m: int, s: int, block_m: int) -> int:
+    """Row-tile capacity: sum_s cdiv(rows_s, BM) <= cdiv(M, BM) + S - 1 for any split of M."""
+    return _cdiv(m, block_m) + s
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_properties(device.index if device.index is not None else 0)[1]
+    return dispatch.H100.sm_count
+
+
+def _arch(device: torch.device) -> int:
+    """The config table to use: 90 from Hopper on, 80 before (the interpreter uses 90)."""
+    if device.type == "cuda":
+        major = _cuda_properties(device.index if device.index is not None else 0)[0]
+        return 90 if major >= 9 else 80
+    return 90
+
+
+@functools.cache
+def _cuda_properties(index: int) -> tuple[int, int]:
+    """``(major capability, SM count)``: host-side driver queries, no stream sync."""
+    props = torch.cuda.get_device_properties(index)
+    return props.major, props.multi_processor_count
+
+
+def _add_kernel(launch: Launch, kernel, grid: int, args: tuple, consts: dict, opts: dict) -> None:
+    if grid == 0:
+        return
+    launch.steps.append(functools.partial(kernel[(grid,)], *args, **consts, **opts))
+    launch.records.append(
+        {"kernel": kernel.__name__, "fn": kernel, "grid": grid, "args": args, **consts, **opts}
+    )
+
+
+def plan_fused(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_bt: Tensor,
+    slot_start: Tensor,
+    slot_rank: Tensor,
+    slot_scale: Tensor,
+    row_ptr: Tensor,
+    entry_ptr: Tensor,
+    entry_slot: Tensor,
+    entry_weight: Tensor,
+    meta: LaunchMeta,
+    config: dispatch.FusedConfig,
+    out: Tensor | None = None,
+) -> Launch:
+    """One launch of the fused kernel writing ``out`` (allocated ``[M, N]`` when ``None``)."""
+    from .fused import _fused_multi_lora_kernel
+
+    dtype = _dtype_name(x)
+    m, k = x.shape
+    n = weight.shape[0]
+    s = row_ptr.numel() - 1
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
+    launch = Launch(y)
+    if m == 0 or n == 0:
+        return launch
+    if meta.max_entries * meta.max_rank > config.block_r and not config.multi_block:
+        raise ValueError(
+            f"config: block_r={config.block_r} without multi_block cannot hold the summed rank "
+            f"capacity {meta.max_entries * meta.max_rank} (meta.max_entries * meta.max_rank)"
+        )
+    grid = _row_tiles(m, s, config.block_m) * _cdiv(n, config.block_n)
+    args = (
+        x, weight, bias, lora_a, lora_bt, slot_start, slot_rank, slot_scale,
+        row_ptr, entry_ptr, entry_slot, entry_weight, y,
+        n, k, s, meta.max_entries, meta.max_rank,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        lora_a.stride(0), lora_a.stride(1), lora_bt.stride(0), lora_bt.stride(1),
+        y.stride(0), y.stride(1),
+    )  # fmt: skip
+    consts = {
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": config.block_k,
+        "BLOCK_R": config.block_r,
+        "BLOCK_S": _BLOCK_S,
+        "MULTI_BLOCK": config.multi_block,
+        "SPLIT_T": dtype != "float32",
+        **_numerics(dtype, interpreting()),
+    }
+    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    _add_kernel(launch, _fused_multi_lora_kernel, grid, args, consts, opts)
+    return launch
+
+
+def plan_shrink(
+    x: Tensor,
+    lora_a: Tensor,
+    slot_start: Tensor,
+    slot_rank: Tensor,
+    row_ptr: Tensor,
+    entry_ptr: Tensor,
+    entry_slot: Tensor,
+    meta: LaunchMeta,
+    config: dispatch.ShrinkConfig,
+    split_k: int,
+) -> Launch:
+    """The shrink into a new fp32 ``t [M, max_entries * max_rank]`` (zeroed, then added to)."""
+    from .sgmv import _lora_shrink_kernel
+
+    if not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+    dtype = _dtype_name(x)
+    m, k = x.shape
+    s = row_ptr.numel() - 1
+    width = meta.max_entries * meta.max_rank
+    t = torch.empty((m, width), dtype=torch.float32, device=x.device)
+    launch = Launch(t)
+    if m == 0 or width == 0:
+        return launch
+    launch.steps.append(t.zero_)
+    launch.records.append({"kernel": "zero_"})
+    n_rank_blocks = _cdiv(width, config.block_r)
+    # Each split covers a whole number of K blocks so only the last one needs a K mask.
+    k_blocks_per_split = max(1, _cdiv(_cdiv(k, config.block_k), split_k))
+    grid = _row_tiles(m, s, config.block_m) * n_rank_blocks * split_k
+    args = (
+        x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, t,
+        k, s, meta.max_entries, meta.max_rank, n_rank_blocks, split_k, k_blocks_per_split,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), t.stride(0), t.stride(1),
+    )  # fmt: skip
+    consts = {
+        "BLOCK_M": config.block_m,
+        "BLOCK_K": config.block_k,
+        "BLOCK_R": config.block_r,
+        "BLOCK_S": _BLOCK_S,
+        **_numerics(dtype, interpreting()),
+    }
+    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    _add_kernel(launch, _lora_shrink_kernel, grid, args, consts, opts)
+    return launch
+
+
+def plan_expand(
+    y: Tensor,
+    t: Tensor,
+    lora_bt: Tensor,
+    slot_start: Tensor,
+    slot_rank: Tensor,
+    slot_scale: Tensor,
+    row_ptr: Tensor,
+    entry_ptr: Tensor,
+    entry_slot: Tensor,
+    entry_weight: Tensor,
+    meta: LaunchMeta,
+    config: dispatch.ExpandConfig,
+) -> Launch:
+    """``y += LoRA(t)`` in place (``out`` is ``y``)."""
+    from .sgmv import _lora_expand_kernel
+
+    dtype = _dtype_name(y, "y")
+    m, n = y.shape
+    s = row_ptr.numel() - 1
+    launch = Launch(y)
+    width = meta.max_entries * meta.max_rank
+    if t.shape != (m, width):
+        raise ValueError(f"t: expected shape {(m, width)} from y and meta, got {tuple(t.shape)}")
+    if m == 0 or n == 0 or width == 0:
+        return launch
+    grid = _row_tiles(m, s, config.block_m) * _cdiv(n, config.block_n)
+    args = (
+        y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
+        entry_weight, n, s, meta.max_entries, meta.max_rank,
+        y.stride(0), y.stride(1), t.stride(0), t.stride(1), lora_bt.stride(0), lora_bt.stride(1),
+    )  # fmt: skip
+    consts = {
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_R": config.block_r,
+        "BLOCK_S": _BLOCK_S,
+        "SPLIT_T": dtype != "float32",
+        **_numerics(dtype, interpreting()),
+    }
+    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    _add_kernel(launch, _lora_expand_kernel, grid, args, consts, opts)
+    return launch
+
+
+def plan_multi_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_bt: Tensor,
+    slot_start: Tensor,
+    slot_rank: Tensor,
+    slot_scale: Tensor,
+    row_ptr: Tensor,
+    entry_ptr: Tensor,
+    entry_slot: Tensor,
+    entry_weight: Tensor,
+    meta: LaunchMeta,
+    plan: dispatch.Plan | None = None,
+) -> Launch:
+    """Everything one ``multi_lora_linear`` call launches, fused or pair per ``plan``.
+
+    ``plan`` defaults to :func:`dispatch.choose` on the shapes and ``meta``; tests pass one to
+    force a path or a tile shape.
+    """
+    _check_meta(meta)
+    _check(
+        x,
+        {"weight": weight, "bias": bias, "lora_a": lora_a, "lora_bt": lora_bt,
+         "slot_start": slot_start, "slot_rank": slot_rank, "slot_scale": slot_scale,
+         "row_ptr": row_ptr, "entry_ptr": entry_ptr, "entry_slot": entry_slot,
+         "entry_weight": entry_weight},
+        _INDEX_DTYPES,
+    )  # fmt: skip
+    dtype = _dtype_name(x)
+    m, k = x.shape
+    n = weight.shape[0]
+    if plan is None:
+        plan = dispatch.choose(
+            m, n, k, meta.max_rows, meta.max_entries, meta.max_rank, dtype,
+            arch=_arch(x.device), sm_count=_sm_count(x.device),
+        )  # fmt: skip
+    if plan.path == "fused":
+        return plan_fused(
+            x, weight, bias, lora_a, lora_bt, slot_start, slot_rank, slot_scale,
+            row_ptr, entry_ptr, entry_slot, entry_weight, meta, plan.fused,
+        )  # fmt: skip
+    if plan.path != "pair":
+        raise ValueError(f"plan.path must be 'fused' or 'pair', got {plan.path!r}")
+    # Pair: the base GEMM by torch (cuBLAS on CUDA), then the LoRA term added in place.
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    launch = Launch(y)
+    if bias is None:
+        launch.steps.append(functools.partial(torch.mm, x, weight.T, out=y))
+    else:
+        launch.steps.append(functools.partial(torch.addmm, bias, x, weight.T, out=y))
+    launch.records.append({"kernel": "base_gemm"})
+    shrink = plan_shrink(
+        x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, meta,
+        plan.shrink, plan.split_k,
+    )  # fmt: skip
+    expand = plan_expand(
+        y, shrink.out, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr,
+        entry_slot, entry_weight, meta, plan.expand,
+    )  # fmt: skip
+    for part in (shrink, expand):
+        launch.steps += part.steps
+        launch.records += part.records
+    return launch
+
+
+def plan_lora_shrink(
+    x: Tensor,
+    lora_a: Tensor,
+    slot_start: Tensor,
+    slot_rank: Tensor,
+    row_ptr: Tensor,
+    entry_ptr: Tensor,
+    entry_slot: Tensor,
+    meta: LaunchMeta,
+    config: dispatch.ShrinkConfig | None = None,
+    split_k: int | None = None,
+) -> Launch:
+    """Checked :func:`plan_shrink` with the dispatch table's config unless one is given."""
+    _check_meta(meta)
+    _check(
+        x,
+        {"lora_a": lora_a, "slot_start": slot_start, "slot_rank": slot_rank,
+         "row_ptr": row_ptr, "entry_ptr": entry_ptr, "entry_slot": entry_slot},
+        _INDEX_DTYPES,
+    )  # fmt: skip
+    m, k = x.shape
+    r_cap = meta.max_entries * meta.max_rank
+    if split_k is None:
+        split_k = dispatch.split_k_for(m, k, meta.max_rows, r_cap, _sm_count(x.device))
+    if config is None:
+        config = dispatch.shrink_config(r_cap, _dtype_name(x), arch=_arch(x.device))
+    return plan_shrink(
+        x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, meta, config, split_k
+    )
+
+
+def plan_lora_expand(
+    y: Tensor,
+    t: Tensor,
+    lora_bt: Tensor,
+    slot_start: Tensor,
+    slot_rank: Tensor,
+    slot_scale: Tensor,
+    row_ptr: Tensor,
+    entry_ptr: Tensor,
+    entry_slot: Tensor,
+    entry_weight: Tensor,
+    meta: LaunchMeta,
+    config: dispatch.ExpandConfig | None = None,
+) -> Launch:
+    """Checked :func:`plan_expand` with the dispatch table's config unless one is given."""
+    _check_meta(meta)
+    _check(
+        y,
+        {"t": t, "lora_bt": lora_bt, "slot_start": slot_start, "slot_rank": slot_rank,
+         "slot_scale": slot_scale, "row_ptr": row_ptr, "entry_ptr": entry_ptr,
+         "entry_slot": entry_slot, "entry_weight": entry_weight},
+        _INDEX_DTYPES,
+    )  # fmt: skip
+    if config is None:
+        config = dispatch.expand_config(y.shape[1], _dtype_name(y, "y"), arch=_arch(y.device))
+    return plan_expand(
+        y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
+        entry_weight, meta, config,
+    )  # fmt: skip

@@ -1,0 +1,299 @@
+"""Ahead-of-time compile of every Triton config the dispatch can pick, for sm_80 and sm_90.
+
+No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs the
+whole pipeline down to a cubin with the ``ptxas`` that ships with Triton. The dispatch keeps
+one config table per architecture (sm_80, sm_90); each config is compiled for its own
+architecture and checked: it compiles; ``cuobjdump --dump-resource-usage`` shows no stack
+frame and no local memory (Triton kernels make no calls and hold no local arrays, so a stack
+frame means register spills: ptxas reports its spill stores there); the shared memory Triton
+allocates fits one block (sm_80: 163 KiB, sm_90: 227 KiB); and the fp16/bf16 kernels use
+tensor-core MMA (``mma.sync``/``wgmma`` in PTX, ``HMMA``/``HGMMA`` in SASS, disassembled with
+the ``cuobjdump`` shipped with Triton). Compiles are cached by Triton (``~/.triton/cache``), so
+only the first run on a machine pays for them (about 3 minutes on 2 cores).
+
+The arguments and compile-time constants are taken from the real launch plans (built on
+``device="meta"`` tensors of an SD1.5 layer shape), and the argument specialisation mimics
+Triton's JIT (integers equal to 1 become constants, multiples of 16 and 16-byte aligned
+pointers get divisibility hints), so this compiles what a launch on a GPU would compile.
+
+Process model: the kernels must be real ``JITFunction`` objects, so this module needs
+``TRITON_INTERPRET`` unset; when it is set the module re-runs itself in a subprocess without
+it. ``python tests/test_triton_aot.py`` prints the table of registers/spills/shared memory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from lorakernels.kernels import LaunchMeta  # noqa: E402
+from lorakernels.kernels.triton import dispatch  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Largest dynamic shared memory one block may use (CUDA programming guide, per arch).
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                  torch.int32: "i32"}  # fmt: skip
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Compiled:
+    kernel: str
+    dtype: str
+    config: str
+    arch: int
+    registers: int
+    stack_bytes: int  # ptxas puts register spills in the stack frame (no calls, no arrays)
+    local_bytes: int
+    shared_bytes: int
+    ptx_mma: tuple[str, ...]
+    sass_mma: tuple[str, ...]
+
+
+def _plans(dtype: str, kind: str, config) -> list[dict]:
+    """Launch records of one config, planned on meta tensors of an SD1.5 ``to_q`` shape."""
+    from lorakernels.kernels.triton import launch
+
+    td = _TORCH_DTYPES[dtype]
+    m, k, n, s = 8192, 320, 320, 2
+    # Capacities the config is chosen for: one rank block unless it loops over several.
+    single = kind == "fused" and not config.multi_block
+    max_entries, max_rank = (1, config.block_r) if single else (3, 64)
+    bank_rows = 512
+    meta_dev = torch.device("meta")
+
+    def t(*shape, dt=td):
+        return torch.empty(shape, dtype=dt, device=meta_dev)
+
+    i32 = torch.int32
+    meta = LaunchMeta(4096, max_entries, max_rank)
+    x, w, b = t(m, k), t(n, k), t(n)
+    a, bt = t(bank_rows, k), t(bank_rows, n)
+    starts, ranks, scales = t(8, dt=i32), t(8, dt=i32), t(8, dt=torch.float32)
+    row_ptr, entry_ptr = t(s + 1, dt=i32), t(s + 1, dt=i32)
+    entry_slot, entry_weight = t(s * max_entries, dt=i32), t(s * max_entries, dt=torch.float32)
+    if kind == "fused":
+        plan = launch.plan_fused(
+            x, w, b, a, bt, starts, ranks, scales, row_ptr, entry_ptr, entry_slot,
+            entry_weight, meta, config,
+        )  # fmt: skip
+    elif kind == "shrink":
+        plan = launch.plan_shrink(
+            x, a, starts, ranks, row_ptr, entry_ptr, entry_slot, meta, config, 2
+        )
+    else:
+        y, tt = t(m, n), t(m, max_entries * max_rank, dt=torch.float32)
+        plan = launch.plan_expand(
+            y, tt, bt, starts, ranks, scales, row_ptr, entry_ptr, entry_slot, entry_weight,
+            meta, config,
+        )  # fmt: skip
+    return [r for r in plan.records if "fn" in r]
+
+
+def _source(record: dict):
+    """ASTSource + options for one launch record, specialised like Triton's JIT would."""
+    from triton.compiler import ASTSource
+
+    fn = record["fn"]
+    runtime = [p for p in fn.params if not p.is_constexpr]
+    signature, constexprs, attrs = {}, {}, {}
+    for param, value in zip(runtime, record["args"], strict=True):
+        if value is None:
+            signature[param.name], constexprs[param.name] = "constexpr", None
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TRITON_DTYPES[value.dtype]
+            attrs[(param.num,)] = [["tt.divisibility", 16]]  # torch allocations are aligned
+        elif value == 1 and not param.do_not_specialize:
+            signature[param.name], constexprs[param.name] = "constexpr", 1
+        else:
+            signature[param.name] = "i32"
+            if value % 16 == 0 and not param.do_not_specialize:
+                attrs[(param.num,)] = [["tt.divisibility", 16]]
+    for param in fn.params:
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", record[param.name]
+    options = {"num_warps": record["num_warps"], "num_stages": record["num_stages"]}
+    return ASTSource(fn, signature, constexprs, attrs), options
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _compile(job: tuple[str, str, object, int]) -> Compiled:
+    from triton.backends.compiler import GPUTarget
+
+    kind, dtype, config, arch = job
+    (record,) = _plans(dtype, kind, config)
+    src, options = _source(record)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin_path = Path(tmp, "k.cubin")
+        cubin_path.write_bytes(cubin)
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", str(cubin_path)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", str(cubin_path)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if not found:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{usage}")
+    return Compiled(
+        kernel=record["kernel"],
+        dtype=dtype,
+        config=_describe(config),
+        arch=arch,
+        registers=int(found.group(1)),
+        stack_bytes=int(found.group(2)),
+        local_bytes=int(found.group(3)),
+        shared_bytes=int(compiled.metadata.shared),
+        ptx_mma=tuple(sorted(set(re.findall(r"\b(mma\.sync|wgmma\.mma_async)", ptx)))),
+        sass_mma=tuple(sorted(set(re.findall(r"\b(HMMA|HGMMA)\.", sass)))),
+    )
+
+
+def _describe(config) -> str:
+    short = {"block_m": "M", "block_n": "N", "block_k": "K", "block_r": "R", "num_warps": "w",
+             "num_stages": "s"}  # fmt: skip
+    flags = {"atomic": "atomic", "multi_block": "multi"}
+    words = [f"{short[k]}{v}" for k, v in vars(config).items() if k in short]
+    words += [flags[k] for k, v in vars(config).items() if k in flags and v]
+    return " ".join(words)
+
+
+def _jobs() -> list[tuple[str, str, object, int]]:
+    """Each config of the dispatch tables, compiled for the architecture whose table holds it."""
+    return [
+        (kind, dtype, config, arch)
+        for kind, configs in dispatch.all_configs().items()
+        for arch, dtype, config in configs
+    ]
+
+
+def compile_all() -> list[Compiled]:
+    """Compile every job, in parallel processes (compiles are CPU bound and independent)."""
+    jobs = _jobs()
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    context = multiprocessing.get_context("spawn")  # no inherited interpreter/JIT state
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(_compile, jobs))
+
+
+def format_table(results: list[Compiled]) -> str:
+    head = f"{'kernel':<26} {'dtype':<9} {'config':<26} {'arch':<6} {'regs':>4} {'stack':>5} "
+    head += f"{'smem KiB':>8}  MMA (PTX / SASS)"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        mma = f"{','.join(r.ptx_mma) or '-'} / {','.join(r.sass_mma) or '-'}"
+        lines.append(
+            f"{r.kernel:<26} {r.dtype:<9} {r.config:<26} sm_{r.arch:<3} {r.registers:>4} "
+            f"{r.stack_bytes + r.local_bytes:>5} {r.shared_bytes / 1024:>8.1f}  {mma}"
+        )
+    return "\n".join(lines)
+
+
+if INTERPRET:
+
+    def test_aot_in_subprocess_without_interpreter(request):
+        """Re-run this module where the kernels are real JIT functions (see module docstring)."""
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        if request.config.option.markexpr:
+            cmd += ["-m", request.config.option.markexpr]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        print(done.stdout[-6000:], done.stderr[-2000:])
+        assert done.returncode == 0, done.stdout[-6000:]
+
+else:
+
+    @pytest.fixture(scope="module")
+    def compiled() -> list[Compiled]:
+        results = compile_all()
+        print("\n" + format_table(results))
+        return results
+
+    def test_every_dispatch_config_is_compiled(compiled):
+        assert len(compiled) == len(_jobs()) > 0
+        kinds = {r.kernel for r in compiled}
+        assert kinds == {"_fused_multi_lora_kernel", "_lora_shrink_kernel", "_lora_expand_kernel"}
+
+    def test_no_register_spills(compiled):
+        spilling = [r for r in compiled if r.stack_bytes or r.local_bytes]
+        assert not spilling, format_table(spilling)
+
+    def test_shared_memory_fits_the_architecture(compiled):
+        too_big = [r for r in compiled if r.shared_bytes > SMEM_LIMIT[r.arch]]
+        assert not too_big, format_table(too_big)
+
+    def test_16bit_fused_kernel_uses_tensor_cores(compiled):
+        want_ptx = {80: "mma.sync", 90: "wgmma.mma_async"}
+        want_sass = {80: "HMMA", 90: "HGMMA"}
+        fused = [
+            r for r in compiled if r.kernel == "_fused_multi_lora_kernel" and r.dtype != "float32"
+        ]
+        assert fused
+        missing = [
+            r
+            for r in fused
+            if want_ptx[r.arch] not in r.ptx_mma or want_sass[r.arch] not in r.sass_mma
+        ]
+        assert not missing, format_table(missing)
+
+    def test_16bit_pair_kernels_use_tensor_cores(compiled):
+        pair = [
+            r for r in compiled if r.kernel != "_fused_multi_lora_kernel" and r.dtype != "float32"
+        ]
+        assert pair
+        missing = [r for r in pair if not r.sass_mma]
+        assert not missing, format_table(missing)
+
+    def test_import_without_triton_reports_instead_of_failing():
+        """``import lorakernels.kernels.triton`` works when triton cannot be imported."""
+        code = (
+            "import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'triton' or name.startswith('triton.'):\n"
+            "            raise ImportError('triton blocked for this test')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import torch\n"
+            "import lorakernels.kernels.triton as backend\n"
+            "reason = backend.unavailable_reason(torch.device('cpu'))\n"
+            "assert reason and 'triton' in reason, reason\n"
+            "print('ok', reason)\n"
+        )
+        root = Path(__file__).resolve().parents[1]
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("ok")
+
+    def test_cpu_without_interpreter_is_unavailable_with_reason():
+        from lorakernels.kernels.triton import unavailable_reason
+
+        reason = unavailable_reason(torch.device("cpu"))
+        assert reason is not None and "TRITON_INTERPRET=1" in reason
+
+
+if __name__ == "__main__":
+    print(format_table(compile_all()))

@@ -1,0 +1,524 @@
+"""Triton kernels run by Triton's interpreter on CPU tensors, against the float64 reference.
+
+Covers the fused kernel, the shrink/expand pair (with and without split-K) and the dispatch's
+own choice, over fp32/fp16/bf16, odd K/N (33, 127), ranks 1..128 mixed in one batch, up to 8
+adapters, mixtures of up to 3 entries, negative and zero strengths, rows without adapters,
+samples without rows, an adapter absent from the layer (rank 0), bias on/off, non-contiguous
+inputs, more samples than one step of the tile search, and a CUDA-graph replay emulation
+(one launch plan re-run after the batch tensors were rewritten in place).
+
+Every output is poisoned with NaN before the launch. The tolerance comes from what plain
+PyTorch achieves in the same dtype: the error of the op computed with torch ops in that dtype
+(rounding after every op, as PEFT does) against float64, times 2, never below one unit of
+rounding at the output's largest magnitude. Each LoRA-carrying sample must also move the
+output by more than the tolerance, so a kernel that dropped the LoRA term would fail.
+
+Process model: ``TRITON_INTERPRET=1`` must be set before the kernels are first imported, and
+the AOT test (``test_triton_aot.py``) needs them compiled for real. So when this module is
+collected without the variable, it holds a single test that re-runs this file in a fresh
+interpreter with ``TRITON_INTERPRET=1`` (the mark expression is passed on). Run it directly
+with ``TRITON_INTERPRET=1 pytest tests/test_triton_interpret.py`` to see each case.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from lorakernels.kernels import LaunchMeta, reference  # noqa: E402
+from lorakernels.kernels.triton import dispatch  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+FLOAT_ARGS = ("x", "weight", "bias", "lora_a", "lora_bt")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Case:
+    """Kernel-level arguments of one random batch (see ``lorakernels.kernels``)."""
+
+    args: dict[str, Tensor | None]
+    meta: LaunchMeta
+    rows: list[int]
+    mixtures: list[list[tuple[int, float]]]
+    ranks: list[int]
+
+
+def make_case(
+    dtype: torch.dtype,
+    rows: list[int],
+    k: int,
+    n: int,
+    ranks: list[int],
+    mixtures: list[list[tuple[int, float]]],
+    *,
+    bias: bool = True,
+    seed: int = 0,
+    max_rank: int | None = None,
+    max_entries: int | None = None,
+    entry_capacity: int | None = None,
+) -> Case:
+    """A random batch; the bank stores slots in shuffled order with gaps between them."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ranks), generator=gen).tolist()
+    starts, cursor = [0] * len(ranks), 0
+    for slot in order:
+        starts[slot] = cursor
+        cursor += ranks[slot] + 3  # gap rows: a kernel reading past a slot's rank sees junk
+    bank_rows = cursor
+
+    def randn(*shape: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    x = randn(sum(rows), k)
+    row_scale = torch.ones(bank_rows)
+    for slot, rank in enumerate(ranks):
+        row_scale[starts[slot] : starts[slot] + rank] = max(rank, 1) ** -0.5
+    entry_ptr, entry_slot, entry_weight = [0], [], []
+    for mix in mixtures:
+        for slot, strength in mix:
+            entry_slot.append(slot)
+            entry_weight.append(strength)
+        entry_ptr.append(len(entry_slot))
+    # Spare capacity past the last entry (a fixed-capacity batch), filled with junk.
+    spare = 2 if entry_capacity is None else entry_capacity - len(entry_slot)
+    entry_slot += [len(ranks) - 1] * spare
+    entry_weight += [123.0] * spare
+    row_ptr = torch.tensor([0, *rows], dtype=torch.int64).cumsum(0).to(torch.int32)
+    args = {
+        "x": x,
+        "weight": randn(n, k, scale=k**-0.5),
+        "bias": randn(n) if bias else None,
+        "lora_a": randn(bank_rows, k, scale=k**-0.5),
+        # B rows scaled by 1/sqrt(rank) (as trained adapters are): every adapter moves the
+        # output by O(1), whatever its rank.
+        "lora_bt": randn(bank_rows, n) * row_scale.to(dtype)[:, None],
+        "slot_start": torch.tensor(starts, dtype=torch.int32),
+        "slot_rank": torch.tensor(ranks, dtype=torch.int32),
+        "slot_scale": (torch.rand(len(ranks), generator=gen) + 0.5).float(),
+        "row_ptr": row_ptr,
+        "entry_ptr": torch.tensor(entry_ptr, dtype=torch.int32),
+        "entry_slot": torch.tensor(entry_slot, dtype=torch.int32),
+        "entry_weight": torch.tensor(entry_weight, dtype=torch.float32),
+    }
+    meta = LaunchMeta(
+        max_rows=max(rows),
+        max_entries=max_entries or max(1, max(len(m) for m in mixtures)),
+        max_rank=max(ranks) if max_rank is None else max_rank,
+    )
+    return Case(args, meta, list(rows), [list(m) for m in mixtures], list(ranks))
+
+
+def reference64(case: Case, *, lora: bool = True) -> Tensor:
+    """The oracle on float64 copies of the float inputs."""
+    args = {
+        name: (v.double() if name in FLOAT_ARGS and v is not None else v)
+        for name, v in case.args.items()
+    }
+    if not lora:
+        args["entry_ptr"] = torch.zeros_like(args["entry_ptr"])
+    return reference.multi_lora_linear(**args, meta=case.meta)
+
+
+def plain_torch(case: Case) -> Tensor:
+    """The op with torch ops in the input dtype, rounding after each (PEFT-like)."""
+    a = case.args
+    y = a["x"] @ a["weight"].T
+    if a["bias"] is not None:
+        y = y + a["bias"]
+    starts, ranks = a["slot_start"].tolist(), a["slot_rank"].tolist()
+    scales = a["slot_scale"].tolist()
+    row_ptr = a["row_ptr"].tolist()
+    out = []
+    for s, mix in enumerate(case.mixtures):
+        ys, xs = y[row_ptr[s] : row_ptr[s + 1]], a["x"][row_ptr[s] : row_ptr[s + 1]]
+        for slot, strength in mix:
+            lo, hi = starts[slot], starts[slot] + ranks[slot]
+            t = xs @ a["lora_a"][lo:hi].T
+            ys = ys + (strength * scales[slot]) * (t @ a["lora_bt"][lo:hi])
+        out.append(ys)
+    return torch.cat(out)
+
+
+def tolerance(case: Case, ref: Tensor) -> float:
+    dtype = case.args["x"].dtype
+    plain_err = (plain_torch(case).double() - ref).abs().max().item()
+    floor = torch.finfo(dtype).eps * ref.abs().max().item()
+    return 2.0 * max(plain_err, floor)
+
+
+def assert_lora_is_visible(case: Case, ref: Tensor, tol: float) -> None:
+    """Every sample with a real LoRA term moves its rows by more than ``tol`` with a margin, so
+    a kernel that dropped any one sample's LoRA would fail."""
+    base = reference64(case, lora=False)
+    row_ptr = case.args["row_ptr"].tolist()
+    for s, mix in enumerate(case.mixtures):
+        rows = slice(row_ptr[s], row_ptr[s + 1])
+        live = any(w != 0 and case.ranks[slot] > 0 for slot, w in mix)
+        if live and rows.stop > rows.start:
+            moved = (ref[rows] - base[rows]).abs().max().item()
+            assert moved > 1.5 * tol, f"sample {s}: LoRA moves {moved:.3g}, tolerance {tol:.3g}"
+
+
+def assert_close(out: Tensor, case: Case) -> None:
+    ref = reference64(case)
+    tol = tolerance(case, ref)
+    assert out.dtype == case.args["x"].dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all(), "NaN/inf left in the output (a tile was not written)"
+    err = (out.double() - ref).abs().max().item()
+    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+    assert_lora_is_visible(case, ref, tol)
+
+
+# Ranks 1..128 in one bank; slot 8 is an adapter that does not touch this layer (rank 0).
+MIXED_RANKS = [1, 3, 8, 16, 37, 64, 128, 5, 0]
+MIXED = {
+    "rows": [5, 17, 0, 9, 1, 6, 4],
+    "mixtures": [
+        [(2, 1.0)],
+        [(6, -0.7), (4, 0.5), (3, 1.2)],  # summed rank 181: several rank blocks
+        [(5, 1.0)],  # a sample with no rows
+        [(1, 1.0), (8, 1.0)],  # one entry is absent from this layer
+        [(7, 0.0)],  # strength 0
+        [],  # no adapter
+        [(0, -2.0), (5, 0.3)],
+    ],
+    "ranks": MIXED_RANKS,
+}
+ODD = {"rows": [20, 13], "mixtures": [[(0, 1.0)], [(1, -1.5), (0, 0.25)]], "ranks": [4, 16]}
+SMALL_RANKS = {
+    "rows": [21, 0, 11, 3],
+    "mixtures": [[(0, 1.0)], [(1, 1.0)], [(2, 0.5), (1, -1.0), (0, 2.0)], []],
+    "ranks": [2, 5, 12],
+}
+CASES = {
+    "mixed": dict(MIXED, k=33, n=127, bias=True),
+    "odd": dict(ODD, k=127, n=33, bias=False),
+    "small_ranks": dict(SMALL_RANKS, k=48, n=40, bias=True),
+}
+
+
+def build(name: str, dtype: torch.dtype, seed: int = 0) -> Case:
+    spec = dict(CASES[name])
+    return make_case(
+        dtype, spec.pop("rows"), spec.pop("k"), spec.pop("n"), spec.pop("ranks"),
+        spec.pop("mixtures"), seed=seed, **spec,
+    )  # fmt: skip
+
+
+def forced_plan(path: str, case: Case) -> dispatch.Plan | None:
+    """Plans the tests force (None = the dispatch's own choice)."""
+    dtype = str(case.args["x"].dtype).removeprefix("torch.")
+    n = case.args["weight"].shape[0]
+    r_cap = case.meta.max_entries * case.meta.max_rank
+    if path == "auto":
+        return None
+    if path == "fused":  # the dispatch table's fused tile, whatever the summed rank
+        return dispatch.Plan(
+            "fused", dispatch.fused_config(case.meta.max_rows, n, r_cap, dtype), None, 1, None
+        )
+    if path == "fused_tiny":  # many row tiles per sample, K steps and rank blocks
+        return dispatch.Plan(
+            "fused", dispatch.FusedConfig(16, 16, 16, 16, 4, 2, multi_block=True), None, 1, None
+        )
+    if path == "pair":
+        shrink = dispatch.shrink_config(r_cap, dtype)
+        return dispatch.Plan("pair", None, shrink, 1, dispatch.expand_config(n, dtype))
+    if path == "pair_split":  # 16-deep K blocks over 3 splits: several blocks per split
+        shrink = replace(dispatch.shrink_config(r_cap, dtype), block_k=16)
+        return dispatch.Plan("pair", None, shrink, 3, dispatch.expand_config(n, dtype))
+    raise ValueError(path)
+
+
+if not INTERPRET:
+
+    def test_interpreter_suite_in_subprocess(request):
+        """Re-run this module with ``TRITON_INTERPRET=1`` (see the module docstring)."""
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        markexpr = request.config.option.markexpr
+        if markexpr:
+            cmd += ["-m", markexpr]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        print(done.stdout[-8000:], done.stderr[-2000:])
+        ok = (0, 5) if markexpr else (0,)  # 5: the mark expression selected nothing here
+        assert done.returncode in ok, done.stdout[-8000:] + done.stderr[-2000:]
+
+else:
+    from lorakernels.kernels import triton as backend
+    from lorakernels.kernels.triton import launch
+
+    def run(case: Case, plan: dispatch.Plan | None) -> tuple[Tensor, launch.Launch]:
+        job = launch.plan_multi_lora_linear(**case.args, meta=case.meta, plan=plan)
+        job.out.fill_(float("nan"))
+        return job(), job
+
+    def test_cpu_is_available_under_the_interpreter():
+        assert backend.unavailable_reason(torch.device("cpu")) is None
+        assert launch.interpreting()
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+    @pytest.mark.parametrize(
+        "case_name, path",
+        [
+            ("mixed", "auto"),
+            ("mixed", "fused"),
+            ("mixed", "pair"),
+            ("odd", "fused"),
+            ("odd", "pair_split"),
+            ("small_ranks", "fused_tiny"),
+        ],
+    )
+    def test_matches_reference(case_name, path, dtype):
+        case = build(case_name, dtype)
+        out, job = run(case, forced_plan(path, case))
+        kernels = [r["kernel"] for r in job.records]
+        if path.startswith("pair"):
+            assert "_lora_shrink_kernel" in kernels and "_lora_expand_kernel" in kernels
+        elif path.startswith("fused"):
+            assert kernels == ["_fused_multi_lora_kernel"]
+        assert_close(out, case)
+
+    def test_public_backend_function_matches_reference():
+        case = build("odd", torch.float16, seed=1)
+        assert_close(backend.multi_lora_linear(**case.args, meta=case.meta), case)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+    @pytest.mark.parametrize("split_k", [1, 3])
+    def test_shrink_writes_the_contract_layout(dtype, split_k):
+        case = build("mixed", dtype, seed=2)
+        a, meta = case.args, case.meta
+        r_cap = meta.max_entries * meta.max_rank
+        config = replace(dispatch.shrink_config(r_cap, str(dtype)[6:]), block_k=16)
+        job = launch.plan_lora_shrink(
+            a["x"], a["lora_a"], a["slot_start"], a["slot_rank"], a["row_ptr"], a["entry_ptr"],
+            a["entry_slot"], meta, config=config, split_k=split_k,
+        )  # fmt: skip
+        job.out.fill_(float("nan"))
+        t = job()
+        assert t.dtype == torch.float32 and t.shape == (a["x"].shape[0], r_cap)
+        x64, a64 = a["x"].double(), a["lora_a"].double()
+        row_ptr, starts = a["row_ptr"].tolist(), a["slot_start"].tolist()
+        checked = 0
+        for s, mix in enumerate(case.mixtures):
+            rows = slice(row_ptr[s], row_ptr[s + 1])
+            for j, (slot, _) in enumerate(mix):
+                a_rows = a64[starts[slot] : starts[slot] + case.ranks[slot]]
+                want = x64[rows] @ a_rows.T
+                if want.numel() == 0:
+                    continue  # no rows, or an adapter absent from the layer
+                got = t[rows, j * meta.max_rank : j * meta.max_rank + a_rows.shape[0]].double()
+                # fp32 accumulation of exact products: a few fp32 rounding units of the sum
+                # of magnitudes (whatever the order the splits were added in).
+                bound = (x64[rows].abs() @ a_rows.abs().T).max().item()
+                err = (got - want).abs().max().item()
+                assert err <= 8 * torch.finfo(torch.float32).eps * bound, (s, j, err, bound)
+                checked += want.numel()
+        assert checked > 0
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+    def test_expand_adds_in_place_and_reads_only_live_columns(dtype):
+        case = build("mixed", dtype, seed=3)
+        a, meta = case.args, case.meta
+        m = a["x"].shape[0]
+        # t in the contract layout from float64, NaN in every column that must not be read.
+        t = torch.full((m, meta.max_entries * meta.max_rank), float("nan"))
+        x64, a64 = a["x"].double(), a["lora_a"].double()
+        row_ptr, starts = a["row_ptr"].tolist(), a["slot_start"].tolist()
+        for s, mix in enumerate(case.mixtures):
+            rows = slice(row_ptr[s], row_ptr[s + 1])
+            for j, (slot, _) in enumerate(mix):
+                lo, r = starts[slot], case.ranks[slot]
+                t[rows, j * meta.max_rank : j * meta.max_rank + r] = (
+                    x64[rows] @ a64[lo : lo + r].T
+                ).float()
+        y0 = torch.randn(m, a["weight"].shape[0]).to(dtype)
+        y = y0.clone()
+        backend.lora_expand(
+            y, t, a["lora_bt"], a["slot_start"], a["slot_rank"], a["slot_scale"], a["row_ptr"],
+            a["entry_ptr"], a["entry_slot"], a["entry_weight"], meta,
+        )  # fmt: skip
+        lora64 = reference64(case) - reference64(case, lora=False)
+        want = y0.double() + lora64
+        # One rounding of the sum in the output dtype (two units: bf16 truncates in the
+        # interpreter), plus fp32 accumulation.
+        tol = 2 * torch.finfo(dtype).eps * want.abs().max().item()
+        assert torch.isfinite(y).all()
+        assert (y.double() - want).abs().max().item() <= tol
+        for s, mix in enumerate(case.mixtures):
+            if not any(case.ranks[slot] for slot, _ in mix):
+                rows = slice(row_ptr[s], row_ptr[s + 1])
+                assert torch.equal(y[rows], y0[rows]), f"sample {s} has no LoRA but changed"
+
+    @pytest.mark.parametrize("path", ["fused", "pair"])
+    def test_graph_replay_with_batch_rewritten_in_place(path):
+        """Capture-once / replay-many: a plan built for a one-adapter batch is re-run after
+        every batch tensor (rows, mixtures, strengths, scales, bank contents, x) was rewritten
+        in place with several adapters; the output must follow the new batch."""
+        dtype, rows, k, n, ranks = torch.float16, [6, 6, 6, 6], 40, 72, [8, 24, 16, 4]
+        fixed = {"max_rank": 24, "max_entries": 3, "entry_capacity": 8}
+        case = make_case(dtype, rows, k, n, ranks, [[(0, 1.0)]] * 4, seed=4, **fixed)
+        plan = forced_plan(path, case)
+        job = launch.plan_multi_lora_linear(**case.args, meta=case.meta, plan=plan)
+        job.out.fill_(float("nan"))
+        assert_close(job(), case)
+
+        def auto_records() -> list[dict]:
+            auto = launch.plan_multi_lora_linear(**case.args, meta=case.meta)
+            return [{k: v for k, v in r.items() if k != "args"} for r in auto.records]
+
+        captured = auto_records()
+
+        replays = [
+            ([3, 9, 0, 12], [[(1, 1.0), (2, -0.5), (3, 2.0)], [(3, 0.7)], [(0, 1.0)], []]),
+            ([1, 1, 10, 12], [[], [(2, 1.0), (1, 1.0)], [(1, -1.0), (0, 0.5), (2, 1.5)], [(3, 1)]]),
+        ]
+        for seed, (new_rows, new_mix) in enumerate(replays, start=5):
+            new = make_case(dtype, new_rows, k, n, ranks, new_mix, seed=seed, **fixed)
+            for name, tensor in new.args.items():
+                if tensor is not None:
+                    case.args[name].copy_(tensor)  # same shapes: the capacities are fixed
+            job.out.fill_(float("nan"))
+            assert_close(job(), new)  # the same launches, grids and arguments as captured
+            # The dispatch makes the same choice (kernels, grids, constants) for the new
+            # contents: nothing it decides depends on device values.
+            assert auto_records() == captured
+
+    def test_plans_are_built_from_shapes_only():
+        """Planning works on meta tensors: it reads no device value (no .item(), .tolist(),
+        .cpu() or data-dependent branching), which is what CUDA-graph capture needs."""
+        case = build("mixed", torch.float16)
+        meta_args = {
+            name: (torch.empty_like(v, device="meta") if v is not None else None)
+            for name, v in case.args.items()
+        }
+        for path in ("auto", "fused", "fused_tiny", "pair", "pair_split"):
+            job = launch.plan_multi_lora_linear(
+                **meta_args, meta=case.meta, plan=forced_plan(path, case)
+            )
+            assert job.out.device.type == "meta" and job.records
+            for record in job.records:
+                if "grid" in record:
+                    assert isinstance(record["grid"], int) and record["grid"] > 0
+
+    def test_more_samples_than_one_tile_search_step():
+        """S = 70 > BLOCK_S = 64 samples, many with no rows, in 16-row tiles."""
+        gen = torch.Generator().manual_seed(7)
+        rows = torch.randint(0, 4, (70,), generator=gen).tolist()
+        rows[-1] = 5
+        mixtures = [[(s % 3, 1.0 - 0.1 * (s % 7))] if s % 4 else [] for s in range(70)]
+        case = make_case(torch.float32, rows, 24, 20, [4, 2, 6], mixtures, seed=7)
+        plan = dispatch.Plan("fused", dispatch.FusedConfig(16, 32, 16, 16, 4, 2), None, 1, None)
+        out, _ = run(case, plan)
+        assert_close(out, case)
+
+    def test_non_contiguous_inputs():
+        """x with a padded row stride, weight and bank views with non-unit strides."""
+        case = build("odd", torch.float16, seed=8)
+        a = case.args
+        m, k = a["x"].shape
+        wide = torch.full((m, k + 7), float("nan"), dtype=torch.float16)
+        wide[:, :k] = a["x"]
+        a["x"] = wide[:, :k]
+        a["weight"] = a["weight"].T.contiguous().T  # stride (1, N)
+        a["lora_bt"] = a["lora_bt"].T.contiguous().T
+        assert not a["x"].is_contiguous() and a["weight"].stride(0) == 1
+        for path in ("fused", "pair"):
+            out, _ = run(case, forced_plan(path, case))
+            assert_close(out, case)
+
+    def test_wrong_index_dtype_is_a_type_error():
+        case = build("odd", torch.float32)
+        case.args["row_ptr"] = case.args["row_ptr"].long()
+        with pytest.raises(TypeError, match="row_ptr"):
+            backend.multi_lora_linear(**case.args, meta=case.meta)
+
+    def test_float64_is_a_type_error_naming_x():
+        case = build("odd", torch.float32)
+        for name in FLOAT_ARGS:
+            if case.args[name] is not None:
+                case.args[name] = case.args[name].double()
+        with pytest.raises(TypeError, match="x"):
+            backend.multi_lora_linear(**case.args, meta=case.meta)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+    @pytest.mark.parametrize(
+        "popularity, mixture_size", [("distinct", 1), ("zipf", 3), ("identical", 2)]
+    )
+    def test_public_api_backend_triton(dtype, popularity, mixture_size):
+        """``lorakernels.ops.multi_lora_linear(..., backend="triton")`` through the custom op,
+        against the PEFT-style float64 oracle of ``lorakernels.testing``."""
+        from lorakernels import ops, testing
+
+        problem = testing.random_problem(
+            samples=4, rows=[7, 0, 12, 5], K=129, N=130, ranks=[1, 8, 37, 128, 5],
+            popularity=popularity, mixture_size=mixture_size, dtype=dtype, seed=21,
+        )  # fmt: skip
+        oracle = testing.peft_style_oracle(problem)
+        y = ops.multi_lora_linear(
+            problem.x, problem.weight, problem.bias, problem.bank, problem.batch, backend="triton"
+        )
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        tol = testing.tolerance(problem, oracle, factor=2.0)
+        assert (y.double() - oracle).abs().max().item() <= tol
+        if dtype == torch.float32:  # the same draw in every dtype: check once, tolerance tight
+            base = problem.x.double() @ problem.weight.double().T
+            if problem.bias is not None:
+                base = base + problem.bias.double()
+            assert (oracle - base).abs().max().item() > 10 * tol  # the LoRA term is visible
+
+    def test_public_api_traces_under_torch_compile():
+        """dynamo traces the custom op with the triton backend without graph breaks."""
+        from lorakernels import ops, testing
+
+        problem = testing.random_problem(
+            samples=2, rows=6, K=32, N=48, ranks=[4, 16], dtype=torch.float32, seed=22
+        )
+
+        def layer(x):
+            return ops.multi_lora_linear(
+                x, problem.weight, problem.bias, problem.bank, problem.batch, backend="triton"
+            )
+
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)
+        oracle = testing.peft_style_oracle(problem)
+        y = compiled(problem.x)
+        assert (y.double() - oracle).abs().max().item() <= testing.tolerance(problem, oracle)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+    @pytest.mark.parametrize("popularity", ["identical", "distinct", "uniform", "zipf", "skewed"])
+    @pytest.mark.parametrize("path", ["auto", "fused", "pair"])
+    def test_popularity_sweep(dtype, popularity, path):
+        """Adapter popularity over 8 adapters and 12 samples at a 320-wide layer."""
+        gen = torch.Generator().manual_seed(11)
+        ranks = [4, 8, 16, 32, 64, 128, 12, 1]
+        if popularity == "identical":
+            slots = [2] * 12
+        elif popularity == "distinct":
+            slots = list(range(8)) + [None] * 4
+        elif popularity == "uniform":
+            slots = torch.randint(0, 8, (12,), generator=gen).tolist()
+        elif popularity == "zipf":
+            p = torch.tensor([1 / (i + 1) for i in range(8)])
+            slots = torch.multinomial(p, 12, replacement=True, generator=gen).tolist()
+        else:
+            slots = [0] * 10 + [5, None]
+        mixtures = [[] if s is None else [(s, 1.0 - 0.25 * (i % 5))] for i, s in enumerate(slots)]
+        mixtures[3] = [(1, 0.5), (6, -1.0), (7, 2.0)]
+        rows = torch.randint(1, 20, (12,), generator=gen).tolist()
+        case = make_case(dtype, rows, 320, 320, ranks, mixtures, seed=12)
+        out, _ = run(case, forced_plan(path, case))
+        assert_close(out, case)
