@@ -75,7 +75,9 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 @torch.compiler.assume_constant_result
-def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+def resolve_backend(
+    device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None
+) -> str:
     """The backend a call on ``device`` will use (raises if an explicit choice cannot run).
 
     Under ``torch.compile`` this runs once at trace time and the choice is baked into the
@@ -92,7 +94,11 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
         if reason is not None:
             raise RuntimeError(f"backend {explicit!r} (from {source}) cannot run: {reason}")
         return explicit
-    candidates = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu",)
+    if device.type == "cuda":
+        # the GPU kernels have no float64 path: the reference serves float64 on CUDA
+        candidates = ("reference",) if dtype == torch.float64 else ("triton", "cuda", "reference")
+    else:
+        candidates = ("cpu",)
     for name in candidates:
         if unavailable_reason(name, device) is None:
             return name
@@ -236,7 +242,7 @@ def multi_lora_linear(
         rounding to ``x.dtype``; float64 inputs compute in float64.
     """
     _validate(x, weight, bias, bank, batch)
-    name = resolve_backend(x.device, backend)
+    name = resolve_backend(x.device, backend, x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
