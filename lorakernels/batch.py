@@ -135,6 +135,7 @@ class LoRABatch:
         self._max_entries_cap = max_entries or 0
         self.mixtures = mixtures
         self.version = 0  # bumped by every rewrite, so caches keyed on a batch can tell
+        self._row_cache: dict[int, tuple[Tensor, int]] = {}
         self._write(mixtures)
 
     # ------------------------------------------------------------------ construction
@@ -237,6 +238,10 @@ class LoRABatch:
             assert self.row_ptr is not None
             return self.row_ptr, max(self.rows_per_sample)
         s = self.num_samples
+        if not torch.compiler.is_compiling():
+            cached = self._row_cache.get(num_rows)
+            if cached is not None:
+                return cached
         if num_rows % s != 0:
             raise ValueError(
                 f"{argname} has {num_rows} rows (batch x tokens), which the batch's {s} samples "
@@ -244,6 +249,8 @@ class LoRABatch:
             )
         per = num_rows // s
         ptr = torch.arange(0, s + 1, dtype=torch.int32, device=self.device) * per
+        if not torch.compiler.is_compiling():
+            self._row_cache[num_rows] = (ptr, per)  # every layer with this row count shares it
         return ptr, per
 
     # ------------------------------------------------------------------ expansion

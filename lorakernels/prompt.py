@@ -120,7 +120,9 @@ class ParsedPrompt:
 
 
 class UnknownLoraError(KeyError, ValueError):
-    """A tag names an adapter that ``known`` does not contain (catchable as KeyError or ValueError)."""
+    """A tag names an adapter that ``known`` does not contain.
+
+    Catchable as ``KeyError`` or ``ValueError``."""
 
     def __init__(self, message: str, name: str, span: tuple[int, int]) -> None:
         super().__init__(message)
