@@ -1,0 +1,431 @@
+"""Results: provenance, the ratio tables (text and Markdown), JSON, PNG plots, ``--compare``.
+
+A results document (what ``lorakernels bench`` writes as JSON)::
+
+    {"schema": "lorakernels-bench/1",
+     "provenance": {cpu, device, threads, versions, git sha, date, load average, command},
+     "mode": "quick" | "default" | "full", "notes": [...],
+     "layer": [record, ...],   # lorakernels.bench.runner.run_layer records
+     "model": [record, ...]}   # lorakernels.bench.unet.run_unet records
+
+Every ratio in a table divides two medians measured side by side in the same run. ``ours``
+is the automatic backend; ``ideal`` is the FLOP-ideal ``time(ours) / time(base)``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+SCHEMA = "lorakernels-bench/1"
+BEGIN = "<!-- BEGIN GENERATED: lorakernels bench (do not edit by hand; regenerate) -->"
+END = "<!-- END GENERATED -->"
+LAYER_BASELINES = ("merge", "fuse", "peft", "loop")
+MODEL_BASELINES = ("peft", "fused")
+_MARGIN = 0.05  # the layer target: ours/base <= ideal + 0.05
+_MODEL_MARGIN = 1.05  # the model target: ours/base <= 1.05 x ideal
+
+
+# ---------------------------------------------------------------------- provenance
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_sha() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(mod), "__version__", "?")
+    except ImportError:
+        return None
+
+
+def provenance(device: torch.device, dtypes: Sequence[str], argv: Sequence[str]) -> dict:
+    """Where and with what the numbers were measured."""
+    from .. import __version__
+
+    dev_name = _cpu_model()
+    if device.type == "cuda":
+        dev_name = torch.cuda.get_device_name(device)
+    return {
+        "device": str(device),
+        "device_name": dev_name,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "dtypes": list(dtypes),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {
+            "lorakernels": __version__,
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "peft": _version("peft"),
+            "diffusers": _version("diffusers"),
+        },
+        "git_sha": _git_sha(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_start": _loadavg(),
+        "command": "lorakernels bench " + " ".join(argv),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def finish_provenance(doc: dict) -> None:
+    """Stamp the end of the run (load average: was the machine quiet?)."""
+    doc["provenance"]["loadavg_end"] = _loadavg()
+
+
+# ---------------------------------------------------------------------- ratios
+def median(rec: dict, name: str) -> float | None:
+    p = rec["providers"].get(name)
+    return None if p is None or "median_ms" not in p else p["median_ms"]
+
+
+def ratio(rec: dict, num: str, den: str) -> float | None:
+    a, b = median(rec, num), median(rec, den)
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _config(w: dict) -> str:
+    ranks = w["ranks"]
+    r = str(ranks[0]) if len(set(ranks)) == 1 else "/".join(map(str, ranks))
+    out = f"S{w['samples']} L{w['adapters']} r{r} mix{w['mixture']} {w['popularity']}"
+    if w["frac_empty"]:
+        out += f" {round(100 * w['frac_empty'])}% none"
+    return out
+
+
+def layer_rows(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the layer table (one row per workload and dtype)."""
+    half = any(r["workload"]["dtype"] != "fp32" for r in records)
+    head = ["layer (T,K,N)", "config", "dtype", "base ms", "ours/base", "ideal", "≤ ideal+0.05"]
+    if half:
+        head.append("ours/base32")
+    head += [f"{b}/base" for b in LAYER_BASELINES] + [f"ours/{b}" for b in LAYER_BASELINES]
+    rows = []
+    for rec in records:
+        w = rec["workload"]
+        ob = ratio(rec, "ours", "base")
+        target = "—" if ob is None else ("yes" if ob <= w["ideal"] + _MARGIN else "NO")
+        o32 = ratio(rec, "ours", "base32")
+        if o32 is not None:  # half precision: also say it against the float32-upcast floor
+            target += "; vs base32 " + ("yes" if o32 <= w["ideal"] + _MARGIN else "NO")
+        row = [
+            w["label"], _config(w), w["dtype"], _fmt(median(rec, "base"), 1), _fmt(ob),
+            _fmt(w["ideal"]), target,
+        ]  # fmt: skip
+        if half:
+            row.append(_fmt(ratio(rec, "ours", "base32")))
+        row += [_fmt(ratio(rec, b, "base")) for b in LAYER_BASELINES]
+        row += [_fmt(ratio(rec, "ours", b)) for b in LAYER_BASELINES]
+        rows.append(row)
+    return head, rows
+
+
+def model_rows(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    head = [
+        "UNet", "latent", "adapters", "base s", "ours/base", "ideal", "≤ 1.05 ideal",
+        "grouped base/base", "peft/base", "fused/base", "ours/peft", "ours/fused",
+        "peak MB base/ours/peft/fused",
+    ]  # fmt: skip
+    rows = []
+    for rec in records:
+        w = rec["workload"]
+        ob = ratio(rec, "ours", "base")
+        ideal = rec.get("ideal")
+        target = "—"
+        if ob is not None and ideal is not None:
+            target = "yes" if ob <= _MODEL_MARGIN * ideal else "NO"
+        base = median(rec, "base")
+        peaks = []
+        for name in ("base", "ours", "peft", "fused"):
+            p = rec["providers"].get(name, {})
+            peaks.append("—" if p.get("peak_mb") is None else f"{p['peak_mb']:.0f}")
+        rows.append([
+            w["model"], f"{w['latent']}²", w["adapter_config"],
+            _fmt(None if base is None else base / 1e3, 2), _fmt(ob), _fmt(ideal, 3), target,
+            _fmt(ratio(rec, "base_grouped", "base")), _fmt(ratio(rec, "peft", "base")),
+            _fmt(ratio(rec, "fused", "base")), _fmt(ratio(rec, "ours", "peft")),
+            _fmt(ratio(rec, "ours", "fused")), "/".join(peaks),
+        ])  # fmt: skip
+    return head, rows
+
+
+def _text_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(padded)
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    out = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] + ["--:"] * (len(head) - 1)) + "|",
+    ]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _suites(doc: dict) -> list[tuple[str, list[dict]]]:
+    out: dict[str, list[dict]] = {}
+    for rec in doc.get("layer", []):
+        out.setdefault(rec["workload"]["suite"], []).append(rec)
+    return list(out.items())
+
+
+SUITE_TITLES = {
+    "layer": "Layer level: SD1.5 shapes, 16 samples over 8 distinct rank-16 adapters",
+    "shapes": "Layer level: more shapes (SD1.5 feed-forward, SD2, SDXL), default adapters",
+    "sweep": "Layer level: one parameter at a time around SD1.5 (1024, 640, 640)",
+    "smoke": "Layer level: smoke workloads (tiny, not representative)",
+}
+
+
+def problems(doc: dict) -> list[str]:
+    out = []
+    for rec in doc.get("layer", []) + doc.get("model", []):
+        for name, p in rec["providers"].items():
+            if str(p.get("skipped", "")).startswith("WRONG"):
+                out.append(f"{rec['workload']['key']}: {name}: {p['skipped']}")
+    return out
+
+
+def text_report(doc: dict) -> str:
+    """The terminal report: one table per suite, then the model level."""
+    parts = []
+    for suite, recs in _suites(doc):
+        head, rows = layer_rows(recs)
+        parts.append(f"{SUITE_TITLES.get(suite, suite)}\n{_text_table(head, rows)}")
+    if doc.get("model"):
+        head, rows = model_rows(doc["model"])
+        parts.append(f"Model level: UNet denoising step\n{_text_table(head, rows)}")
+    parts += [f"note: {n}" for n in doc.get("notes", [])]
+    parts += [f"FAILED CHECK: {p}" for p in problems(doc)]
+    return "\n\n".join(parts)
+
+
+def _provenance_md(p: dict) -> str:
+    v = p["versions"]
+    vers = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    return "\n".join([
+        f"- device: {p['device']} ({p['device_name']}); {p['cpu_count']} CPUs, "
+        f"torch threads {p['threads']}, capability {p['cpu_capability']}",
+        f"- versions: {vers}; python {p['python']}",
+        f"- git: {p['git_sha']}; date: {p['date']}",
+        f"- load average at start / end: {p.get('loadavg_start')} / {p.get('loadavg_end')}",
+        f"- command: `{p['command']}`",
+    ])  # fmt: skip
+
+
+def markdown_report(doc: dict, plots: Sequence[Path], relative_to: Path) -> str:
+    """The generated block of RESULTS.md (provenance, tables, plots, notes)."""
+    parts = [BEGIN, "", f"### Run ({doc['mode']} mode)", "", _provenance_md(doc["provenance"])]
+    for note in doc.get("notes", []):
+        parts += ["", f"> {note}"]
+    for suite, recs in _suites(doc):
+        head, rows = layer_rows(recs)
+        parts += ["", f"### {SUITE_TITLES.get(suite, suite)}", "", _md_table(head, rows)]
+    if doc.get("model"):
+        head, rows = model_rows(doc["model"])
+        parts += ["", "### Model level: UNet denoising step", "", _md_table(head, rows)]
+    failed = problems(doc)
+    if failed:
+        parts += ["", "### Failed correctness checks", ""] + [f"- {p}" for p in failed]
+    if plots:
+        parts += ["", "### Plots", ""]
+        for p in plots:
+            rel = os.path.relpath(p, relative_to)
+            parts.append(f"![{p.stem}]({rel})")
+    parts += ["", END]
+    return "\n".join(parts)
+
+
+def write_markdown(path: Path, block: str, command: str) -> None:
+    """Replace the generated block of ``path`` (keeping the prose around it), or create it."""
+    if path.exists():
+        text = path.read_text()
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            path.write_text(head + block + tail)
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"# Benchmark results\n\nRegenerate with:\n\n```\n{command}\n```\n\n" + block + "\n"
+    )
+
+
+def write_json(doc: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+
+
+def load_json(path: str | Path) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read results file {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a lorakernels bench results file (schema {SCHEMA})")
+    return doc
+
+
+# ---------------------------------------------------------------------- plots
+def plot(doc: dict, out_dir: Path) -> list[Path]:
+    """PNG bar charts (provider time / base time, log scale, FLOP-ideal marked).
+
+    Returns the files written; an empty list when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    colors = {"ours": "#1b7837", "merge": "#2166ac", "fuse": "#67a9cf", "peft": "#d6604d",
+              "loop": "#b2182b", "fused": "#67a9cf", "base_grouped": "#999999"}  # fmt: skip
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for rec in doc.get("layer", []):
+        w = rec["workload"]
+        groups.setdefault((w["suite"], w["dtype"]), []).append(rec)
+    for (suite, dtype), recs in groups.items():
+        names = ["ours", *LAYER_BASELINES]
+        labels = [f"{r['workload']['label']}\n{_config(r['workload'])}" for r in recs]
+        path = out_dir / f"layer_{suite}_{dtype}.png"
+        _bars(plt, recs, names, labels, colors, path,
+              f"{SUITE_TITLES.get(suite, suite)} — {dtype}\n"
+              f"{doc['provenance']['device_name']}, {doc['provenance']['threads']} threads",
+              ideal=[r["workload"]["ideal"] for r in recs])  # fmt: skip
+        written.append(path)
+    if doc.get("model"):
+        recs = doc["model"]
+        labels = [f"{r['workload']['label']}\nbatch {r['workload']['batch']}" for r in recs]
+        path = out_dir / "model_unet.png"
+        _bars(plt, recs, ["ours", "base_grouped", "peft", "fused"], labels, colors, path,
+              f"UNet step time / base step time\n{doc['provenance']['device_name']}",
+              ideal=[r.get("ideal") for r in recs])  # fmt: skip
+        written.append(path)
+    return written
+
+
+def _bars(plt, recs, names, labels, colors, path, title, ideal) -> None:  # noqa: ANN001
+    n = len(recs)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.75 * n * max(1, len(names)) / 4))
+    height = 0.8 / len(names)
+    for j, name in enumerate(names):
+        vals = [ratio(r, name, "base") for r in recs]
+        ys = [i + (j - (len(names) - 1) / 2) * height for i in range(n)]
+        xs = [v if v is not None else 0 for v in vals]
+        ax.barh(ys, xs, height=height, color=colors.get(name, "#777777"), label=f"{name}/base")
+        for y, v in zip(ys, vals, strict=True):
+            if v is not None:
+                ax.text(v, y, f" {v:.2f}", va="center", fontsize=6)
+    for i, v in enumerate(ideal):
+        if v is not None:
+            ax.plot([v, v], [i - 0.45, i + 0.45], color="black", lw=1.5)
+    ax.axvline(1.0, color="black", lw=0.6, ls=":")
+    ax.set_xscale("log")
+    # plain tick labels (not 2x10^0) at ratios people read
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 20, 50) if lo <= t <= hi]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("time / base time (log scale; black tick = FLOP-ideal for ours)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- compare
+def compare(old: dict, new: dict) -> tuple[str, list[str]]:
+    """``new / old`` median per (workload, provider) present in both; plus warnings."""
+    warnings = []
+    po, pn = old["provenance"], new["provenance"]
+    for field in ("device_name", "threads", "device"):
+        if po.get(field) != pn.get(field):
+            warnings.append(
+                f"{field} differs ({po.get(field)!r} vs {pn.get(field)!r}): these numbers come "
+                "from different machines or settings and should not be compared"
+            )
+    head = ["workload", "provider", "old ms", "new ms", "new/old"]
+    rows = []
+    for section in ("layer", "model"):
+        olds = {r["workload"]["key"]: r for r in old.get(section, [])}
+        for rec in new.get(section, []):
+            key = rec["workload"]["key"]
+            if key not in olds:
+                continue
+            for name in rec["providers"]:
+                a, b = median(olds[key], name), median(rec, name)
+                if a is None or b is None:
+                    continue
+                label = rec["workload"].get("label", key)
+                if section == "layer":
+                    label += f" {_config(rec['workload'])} {rec['workload']['dtype']}"
+                rows.append([label, name, f"{a:.2f}", f"{b:.2f}", f"{b / a:.3f}"])
+    if not rows:
+        warnings.append("no workload appears in both files")
+    return _text_table(head, rows), warnings
+
+
+def print_err(msg: str) -> None:
+    print(msg, file=sys.stderr)

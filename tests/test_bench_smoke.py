@@ -1,0 +1,178 @@
+"""The benchmark suite's own correctness: workloads, baselines, checks, reports, the CLI.
+
+No timing is asserted anywhere: these tests check that every provider the benchmark times
+computes the same layer as the float64 oracle, that a wrong provider is caught, and that the
+CLI writes what it promises.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lorakernels.bench import report
+from lorakernels.bench.cli import main
+from lorakernels.bench.providers import Base, Loop, Provider, flop_ideal, layer_providers
+from lorakernels.bench.runner import check, check_providers, reference
+from lorakernels.bench.timing import TimingConfig, time_side_by_side
+from lorakernels.bench.workloads import (
+    SD15_SHAPES,
+    LayerShape,
+    LayerWorkload,
+    build_case,
+    layer_suite,
+    smoke_suite,
+)
+
+CPU = torch.device("cpu")
+SMALL = LayerShape("test", "odd", 33, 40, 56)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"mixture": 2, "popularity": "uniform", "frac_empty": 0.25},
+        {"ranks": (4, 16, 3), "mixture": 3, "popularity": "zipf", "adapters": 5},
+        {"popularity": "skewed", "samples": 7, "adapters": 3, "ranks": (5,)},
+        {"popularity": "identical", "frac_empty": 0.5},
+        # long rows: merge/fuse run one GEMM per run of samples instead of gathering rows
+        {"shape": LayerShape("test", "long", 260, 24, 40), "samples": 4, "adapters": 2},
+    ],
+)
+def test_every_provider_matches_the_oracle(dtype, kw):
+    args = {"shape": SMALL, "samples": 8, "adapters": 4, "ranks": (8,), **kw}
+    w = LayerWorkload(dtype=dtype, seed=3, **args)
+    case = build_case(w, CPU)
+    checked, info = check_providers(case, layer_providers(CPU, all_backends=True))
+    ran = [c.provider.name for c in checked if c.ok]
+    assert {"base", "ours", "merge", "fuse", "peft", "loop"} <= set(ran)
+    for c in checked:
+        assert c.skipped is None or not c.skipped.startswith("WRONG"), (c.provider.name, c.skipped)
+    # the check is meaningful: the LoRA term dwarfs the tolerance
+    assert info["lora_term"] > 10 * info["tol"]
+
+
+class _DropsOneAdapter(Provider):
+    """A broken provider: the loop baseline that forgets the last adapter."""
+
+    name = "broken"
+
+    def prepare(self, case):
+        last = sorted(case.adapters)[-1]
+        broken = replace(case, mixtures=[{k: v for k, v in m.items() if k != last}
+                                         for m in case.mixtures])  # fmt: skip
+        return Loop().prepare(broken)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_wrong_provider_is_caught(dtype):
+    case = build_case(LayerWorkload(SMALL, samples=8, adapters=4, dtype=dtype), CPU)
+    ref = reference(case)
+    assert check(case, Base(), ref).ok
+    bad = check(case, _DropsOneAdapter(), ref)
+    assert not bad.ok and bad.skipped.startswith("WRONG")
+
+
+def test_default_table_workloads():
+    ws = layer_suite(["fp32", "bf16"])
+    assert len(ws) == 16  # 4 SD1.5 shapes x mixtures of 1 and 2 x 2 dtypes
+    assert {(w.shape.rows, w.shape.K, w.shape.N) for w in ws} == {
+        (4096, 320, 320), (77, 768, 320), (1024, 640, 640), (256, 1280, 1280)
+    }  # fmt: skip
+    for w in ws:
+        mixes = w.mixtures()
+        assert len(mixes) == 16 and all(len(m) == w.mixture for m in mixes)
+        # distinct popularity: 8 adapters, each the main adapter of exactly 2 samples
+        mains = Counter(sorted(m)[0] if w.mixture == 1 else None for m in mixes)
+        if w.mixture == 1:
+            assert set(mains.values()) == {2} and len(mains) == 8
+        k, n = w.shape.K, w.shape.N
+        assert w.ideal() == pytest.approx(flop_ideal(k, n, 16 * w.mixture))
+    quick = layer_suite(["fp32"], row_factor=4)
+    assert [w.shape.rows for w in quick[:4]] == [1024, 77, 256, 64]
+
+
+def test_frac_empty_and_determinism():
+    w = LayerWorkload(SMALL, samples=12, adapters=3, popularity="uniform", frac_empty=0.25)
+    assert sum(1 for m in w.mixtures() if not m) == 3
+    a, b = build_case(w, CPU), build_case(w, CPU)
+    assert torch.equal(a.x, b.x) and a.mixtures == b.mixtures
+    # samples without adapter lower the ideal: rank is averaged over rows
+    assert w.ideal() == pytest.approx(flop_ideal(40, 56, 16 * 9 / 12))
+    with pytest.raises(ValueError, match="popularity"):
+        LayerWorkload(SMALL, popularity="nope")
+    with pytest.raises(ValueError, match="mixture"):
+        LayerWorkload(SMALL, adapters=2, mixture=3)
+
+
+def test_time_side_by_side_shapes_results():
+    calls = Counter()
+    fns = {n: (lambda n=n: calls.update([n])) for n in ("a", "b")}
+    out = time_side_by_side(fns, TimingConfig(repeats=3, warmup=1, min_sample_s=0.0))
+    assert set(out) == {"a", "b"}
+    assert all(len(t.times) == 3 and t.number == 1 and t.median >= 0 for t in out.values())
+    assert calls == {"a": 4, "b": 4}  # 1 warm-up call + 3 timed
+
+
+def test_cli_smoke_writes_json_plots_and_compares(tmp_path, capsys):
+    out = tmp_path / "res"
+    md = tmp_path / "RESULTS.md"
+    md.write_text(
+        f"# Results\n\nprose before\n\n{report.BEGIN}\nold\n{report.END}\n\nprose after\n"
+    )
+    rc = main(["--smoke", "--suite", "layer", "--dtype", "fp32", "--out", str(out),
+               "--markdown", str(md), "--threads", "1"])  # fmt: skip
+    assert rc == 0
+    doc = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert doc["schema"] == report.SCHEMA
+    prov = doc["provenance"]
+    for field in ("cpu", "threads", "versions", "git_sha", "date", "command"):
+        assert field in prov
+    assert prov["versions"]["torch"] == torch.__version__
+    assert len(doc["layer"]) == len(smoke_suite(["fp32"]))
+    for rec in doc["layer"]:
+        for name in ("base", "ours", "merge", "peft", "loop"):
+            assert rec["providers"][name]["median_ms"] > 0
+    assert (out / "results.json").exists()
+    assert sorted(p.name for p in (tmp_path / "results").glob("*.png")) == ["layer_smoke_fp32.png"]
+    text = md.read_text()
+    assert "prose before" in text and "prose after" in text and "\nold\n" not in text
+    assert "ours/base" in text and "layer_smoke_fp32.png" in text
+    capsys.readouterr()
+    rc = main(["--compare", str(out / "results.json"), str(out / "results.json")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "1.000" in printed and "ours" in printed
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["--smoke", "--dtype", "fp8"]) == 2
+    assert "fp8" in capsys.readouterr().err
+    bogus = tmp_path / "x.json"
+    bogus.write_text("{}")
+    assert main(["--compare", str(bogus), str(bogus)]) == 2
+
+
+def test_list_names_every_workload(capsys):
+    assert main(["--list", "--suite", "layer"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 16 and all("layer|sd15" in ln for ln in lines)
+    assert any(f"T{SD15_SHAPES[0].rows} " in ln for ln in lines)
+
+
+@pytest.mark.slow
+def test_unet_smoke_step():
+    pytest.importorskip("diffusers")
+    from lorakernels.bench.unet import UNetWorkload, run_unet
+
+    rec = run_unet(UNetWorkload(model="tiny", latent=8, prompts=2, adapters=2, repeats=1), CPU)
+    for name in ("base", "ours", "peft", "fused", "base_grouped"):
+        assert "skipped" not in rec["providers"][name]
+        assert rec["providers"][name]["median_ms"] > 0
+    assert rec["ideal"] > 1.0
