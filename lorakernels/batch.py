@@ -186,6 +186,7 @@ class LoRABatch:
             self.entry_slot[:e].copy_(torch.tensor(slot, dtype=torch.int32))
             self.entry_weight[:e].copy_(torch.tensor(weight, dtype=torch.float32))
         self.mixtures = mixtures
+        self.max_slot = max(slot, default=-1)  # host copy, so layers need not scan mixtures
         self.version += 1
         real_max = max((len(m) for m in mixtures), default=0)
         self._max_entries_cap = max(self._max_entries_cap, real_max)

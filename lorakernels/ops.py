@@ -210,11 +210,13 @@ def _validate(x: Tensor, weight: Tensor, bias: Tensor | None, bank: LoRABank, ba
     if not torch.compiler.is_compiling():
         # host-side checks on the batch's contents; skipped while tracing so that a compiled
         # graph does not specialise on them (the manager validates at use() time anyway)
+        # every patched layer runs this per call: compare one cached int, and only build the
+        # list of offending slots for the error message
         cap = bank.slot_rank.shape[0]
-        bad = [k for k in batch.slots_in_use() if k >= cap]
-        if bad:
+        if batch.max_slot >= cap:
+            bad = sorted(k for k in batch.slots_in_use() if k >= cap)
             raise ValueError(
-                f"batch uses slot(s) {sorted(bad)} but this bank has only {cap} slot ids "
+                f"batch uses slot(s) {bad} but this bank has only {cap} slot ids "
                 "(was the adapter loaded into this layer's manager?)"
             )
 
