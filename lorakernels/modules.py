@@ -9,8 +9,9 @@ original ``F.linear``/``F.conv2d`` (bit-identical output).
 
 Convolutions: a 1x1 convolution (stride 1, no padding, one group; SD1.5's ``proj_in`` /
 ``proj_out``) runs the fused linear path on its ``B*H*W`` pixel rows. Any other convolution
-(LoCon's k x k resnet convs) computes the base ``conv2d`` once and the LoRA term per run of
-samples as ``conv2d(conv2d(x, A), B)``: correct, not fused.
+(LoCon's k x k resnet convs) computes the base ``conv2d`` once and the backend adds the LoRA
+term as ``conv2d(conv2d(x, A), B)`` (:func:`~lorakernels.ops.multi_lora_conv2d`): correct,
+not fused. Padding modes other than zeros pad the input once for both.
 """
 
 from __future__ import annotations
@@ -75,11 +76,25 @@ class MultiLoRALinear(nn.Linear):
         batch = _active(self.lora_context, self.lora_bank)
         cache = self.output_cache
         if cache is not None and not torch.compiler.is_compiling():
-            key = (x._version, None if batch is None else batch.version)
-            if cache.get("x") is x and cache.get("batch") is batch and cache.get("key") == key:
-                return cache["y"]
+            # everything the output depends on: the input, the batch, the bank's contents
+            # (loads and unloads write its tensors in place, growth replaces them) and the
+            # layer's own parameters
+            bank = self.lora_bank
+            held = (x, batch, bank.lora_a, bank.slot_rank, self.weight, self.bias)
+            key = (
+                x._version,
+                None if batch is None else batch.version,
+                bank.lora_a._version,
+                bank.slot_rank._version,
+                self.weight._version,
+                None if self.bias is None else self.bias._version,
+            )
+            old = cache.get("held", ())
+            if len(old) == len(held) and all(a is b for a, b in zip(old, held, strict=True)):
+                if cache["key"] == key:
+                    return cache["y"]
             y = self._compute(x, batch)
-            cache.update(x=x, batch=batch, key=key, y=y)
+            cache.update(held=held, key=key, y=y)
             return y
         return self._compute(x, batch)
 
@@ -147,11 +162,10 @@ class MultiLoRAConv2d(nn.Conv2d):
         backend = self.lora_context.backend
         if self.is_pointwise and x.dim() == 4:
             b, c, h, w = x.shape
-            rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
-            y = multi_lora_linear(
-                rows, self.weight.view(self.out_channels, c), self.bias, self.lora_bank, batch,
-                backend=backend,
-            )  # fmt: skip
+            # [B, H*W, C]: ops checks B against the batch's sample count
+            rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+            weight = self.weight.view(self.out_channels, c)
+            y = multi_lora_linear(rows, weight, self.bias, self.lora_bank, batch, backend=backend)
             y = y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
             # give back the input's memory format: a channels-last view leaking into an NCHW
             # model makes oneDNN reorder every later 3x3 conv's weights (measured: SD1.5
@@ -160,7 +174,20 @@ class MultiLoRAConv2d(nn.Conv2d):
                 return y
             return y.contiguous()
         base = self._conv_forward(x, self.weight, self.bias)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            # as nn.Conv2d does: pad once with the mode, then convolve without padding (the
+            # LoRA term used to zero-pad here, silently disagreeing with the base at the edges)
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
         return multi_lora_conv2d(
-            x, base, self.lora_bank, batch, self.weight.shape, self.stride,
-            self.padding, self.dilation,
-        )  # fmt: skip
+            x,
+            base,
+            self.lora_bank,
+            batch,
+            self.weight.shape,
+            self.stride,
+            padding,
+            self.dilation,
+            backend=backend,
+        )

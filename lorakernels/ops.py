@@ -1,35 +1,45 @@
-"""The one functional entry point: :func:`multi_lora_linear`, and backend selection.
+"""The functional entry points :func:`multi_lora_linear` and :func:`multi_lora_conv2d`, and
+backend selection.
 
-``ops`` checks *meaning* (shapes, dtypes, devices, batch vs rows) and picks a backend; the
-backends in :mod:`lorakernels.kernels` check their own constraints and compute.
+``ops`` checks *meaning* (shapes, dtypes, devices, batch vs rows and slots), picks a backend
+and hands it the kernel bundles of :mod:`lorakernels.kernels`; the backends check their own
+constraints and compute. ``ops`` does no arithmetic of its own.
 
 Backend choice, first match wins: the ``backend=`` argument, the innermost
-:func:`use_backend` context, the ``LORAKERNELS_BACKEND`` environment variable, then automatic
-selection (CUDA tensors: triton, else cuda, else reference; CPU tensors: cpu). An explicitly
-requested backend that cannot run raises ``RuntimeError`` with the reason; only automatic
-selection moves on.
+:func:`use_backend` context (per thread and per asyncio task), the ``LORAKERNELS_BACKEND``
+environment variable, then automatic selection (CUDA tensors: triton, else cuda, else
+reference, and reference for float64; CPU tensors: cpu). An explicitly requested backend that
+cannot run (unavailable on the device, or without kernels for the dtype) raises
+``RuntimeError``/``TypeError`` with the reason; only automatic selection moves on. The answer
+is cached per (device, dtype, request), so availability is checked once, not per call.
 
-All backends but ``reference`` run behind the custom op ``torch.ops.lorakernels.multi_lora_linear``
-so that ``torch.compile(fullgraph=True)`` traces through a patched model without graph breaks and
-without specialising on the batch's contents (the op is opaque; its inputs are tensors of fixed
-capacity). ``reference`` is called directly so that it stays differentiable.
+How a linear call reaches its backend: in eager mode ``reference`` and ``cpu`` are called
+directly (plain differentiable torch code; the custom op's Python dispatch costs ~100 us a
+call, 2-3 % of a 77-row text layer). ``triton`` and ``cuda`` always, and every backend under
+``torch.compile``, run behind the custom op ``torch.ops.lorakernels.multi_lora_linear``
+(schema in :mod:`lorakernels._ops`), so that ``torch.compile(fullgraph=True)`` traces through
+a patched model without graph breaks and without specialising on the batch's contents.
+
+k x k convolutions go to the backend's ``multi_lora_conv2d`` (cpu, reference); backends
+without one (triton, cuda) run the reference's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from . import _ops
 from .bank import LoRABank
-from .batch import LoRABatch
-from .kernels import LaunchMeta
+from .batch import LoRABatch, _capturing
+from .kernels import BankTensors, BatchTensors, ConvMeta, LaunchMeta
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 _MODULES = {
@@ -39,8 +49,15 @@ _MODULES = {
     "cuda": "lorakernels.kernels.cuda",
 }
 _EAGER_DIRECT = ("reference", "cpu")
+_NO_FLOAT64 = ("triton", "cuda")  # the GPU kernels have fp32/fp16/bf16 paths only
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_backend_stack: list[str] = []
+# use_backend() choices, innermost last; a context variable, so each thread and asyncio task
+# has its own
+_backend_stack: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "lorakernels_backend", default=()
+)
+# (device, dtype, explicit choice, its source) -> backend name; only successes are cached
+_resolved: dict[tuple, str] = {}
 
 
 def _check_name(name: str, argname: str) -> str:
@@ -68,11 +85,11 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed calls with backend ``name`` unless a call passes ``backend=``."""
-    _backend_stack.append(_check_name(name, "use_backend"))
+    token = _backend_stack.set((*_backend_stack.get(), _check_name(name, "use_backend")))
     try:
         yield
     finally:
-        _backend_stack.pop()
+        _backend_stack.reset(token)
 
 
 @torch.compiler.assume_constant_result
@@ -85,15 +102,31 @@ def resolve_backend(
     graph (it imports modules and reads the environment, which dynamo must not trace).
     """
     explicit, source = backend, "backend="
-    if explicit is None and _backend_stack:
-        explicit, source = _backend_stack[-1], "use_backend()"
-    if explicit is None and os.environ.get("LORAKERNELS_BACKEND"):
-        explicit, source = os.environ["LORAKERNELS_BACKEND"], "LORAKERNELS_BACKEND"
+    if explicit is None:
+        stack = _backend_stack.get()
+        if stack:
+            explicit, source = stack[-1], "use_backend()"
+        elif os.environ.get("LORAKERNELS_BACKEND"):
+            explicit, source = os.environ["LORAKERNELS_BACKEND"], "LORAKERNELS_BACKEND"
+    key = (device, dtype, explicit, source)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve(device, dtype, explicit, source)
+        _resolved[key] = name
+    return name
+
+
+def _resolve(device: torch.device, dtype: torch.dtype | None, explicit: str | None, source: str):  # noqa: ANN202
     if explicit is not None:
         _check_name(explicit, source)
         reason = unavailable_reason(explicit, device)
         if reason is not None:
             raise RuntimeError(f"backend {explicit!r} (from {source}) cannot run: {reason}")
+        if dtype == torch.float64 and explicit in _NO_FLOAT64:
+            raise TypeError(
+                f"backend {explicit!r} (from {source}) has no float64 kernels; use 'reference' "
+                "(or float32/float16/bfloat16 inputs)"
+            )
         return explicit
     if device.type == "cuda":
         # the GPU kernels have no float64 path: the reference serves float64 on CUDA
@@ -106,67 +139,82 @@ def resolve_backend(
     return "reference"
 
 
-# ---------------------------------------------------------------------- the custom op
-@torch.library.custom_op("lorakernels::multi_lora_linear", mutates_args=())
-def _multi_lora_linear_op(
+def bank_tensors(bank: LoRABank) -> BankTensors:
+    """The bank's storage as the kernels take it (belongs on ``LoRABank`` as ``tensors()``)."""
+    return BankTensors(bank.lora_a, bank.lora_bt, bank.slot_start, bank.slot_rank, bank.slot_scale)
+
+
+def _run_linear(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    lora_a: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
-    max_rows: int,
-    max_entries: int,
-    max_rank: int,
+    bank: BankTensors,
+    batch: BatchTensors,
+    meta: LaunchMeta,
     backend: str,
 ) -> Tensor:
-    meta = LaunchMeta(max_rows=max_rows, max_entries=max_entries, max_rank=max_rank)
-    return backend_module(backend).multi_lora_linear(
-        x, weight, bias, lora_a, lora_bt, slot_start, slot_rank, slot_scale,
-        row_ptr, entry_ptr, entry_slot, entry_weight, meta,
-    )  # fmt: skip
+    """The custom op's kernel: the backend named by the op's ``backend`` argument."""
+    return backend_module(backend).multi_lora_linear(x, weight, bias, bank, batch, meta)
 
 
-@_multi_lora_linear_op.register_fake
-def _(x, weight, bias, *args, **kwargs):  # noqa: ANN001 - mirrors the op's signature
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-def _setup_context(ctx, inputs, output):  # noqa: ANN001 - torch.library signature
-    ctx.inputs = inputs
-    ctx.bias_shape = None if inputs[2] is None else inputs[2].shape
-
-
-def _backward(ctx, grad):  # noqa: ANN001 - torch.library signature
-    """Gradients for x, weight and bias (the bank and batch are constants).
-
-    The input gradient is the same op on the transposed problem:
-    ``dx = dy @ W + Σ coef * (dy @ B) @ A`` is ``multi_lora_linear`` with ``W.T`` as the
-    weight and the bank's ``A``/``B.T`` rows swapped.
-    """
-    x, weight, bias, lora_a, lora_bt, *rest = ctx.inputs
-    slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot, entry_weight = rest[:7]
-    max_rows, max_entries, max_rank, backend = rest[7:]
-    grad = grad.contiguous()
-    dx = _multi_lora_linear_op(
-        grad, weight.T.contiguous(), None, lora_bt, lora_a, slot_start, slot_rank, slot_scale,
-        row_ptr, entry_ptr, entry_slot, entry_weight, max_rows, max_entries, max_rank, backend,
-    )  # fmt: skip
-    dw = grad.T @ x
-    db = grad.sum(0) if bias is not None else None
-    return (dx, dw, db) + (None,) * 13
-
-
-_multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_ops.register_linear_impl(_run_linear)
 
 
 # ---------------------------------------------------------------------- validation
+def _check_same(name: str, t: Tensor, x: Tensor, hint: str = "") -> None:
+    """``t`` has ``x``'s device (tensor devices are normalised: cuda:0, never bare cuda)."""
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}{hint}")
+
+
+def _check_bank(bank: LoRABank, x: Tensor, k: int, n: int, what: str) -> None:
+    if not isinstance(bank, LoRABank):
+        raise TypeError(f"bank must be a LoRABank, got {type(bank).__name__}")
+    if bank.in_features != k or bank.out_features != n:
+        raise ValueError(
+            f"bank is for K={bank.in_features}, N={bank.out_features}; {what} is [N={n}, K={k}]"
+        )
+    if bank.lora_a.dtype != x.dtype:
+        raise TypeError(f"bank dtype {bank.lora_a.dtype} differs from x dtype {x.dtype}")
+    _check_same("bank", bank.lora_a, x)
+
+
+def _check_batch(batch: LoRABatch, bank: LoRABank, x: Tensor, items: int | None) -> None:
+    """The batch fits ``x`` (``items``: size of x's sample dimension, None for ``[M, K]``)
+    and names only slots that hold an adapter."""
+    if not isinstance(batch, LoRABatch):
+        raise TypeError(f"batch must be a LoRABatch, got {type(batch).__name__}")
+    _check_same("batch", batch.entry_ptr, x, " (use batch.to())")
+    s = batch.num_samples
+    if items is not None and batch.rows_per_sample is None and items % s:
+        # rows would still divide while samples got each other's adapters
+        raise ValueError(
+            f"the batch has {s} samples, x has {items}: {s} samples do not divide x's first "
+            f"dimension (each sample owns whole items of it); x has shape {tuple(x.shape)}"
+        )
+    if torch.compiler.is_compiling():
+        # host-side checks on the batch's contents are skipped while tracing, so that a
+        # compiled graph does not specialise on them (the manager validates at use() time)
+        return
+    # every patched layer runs this per call: compare one cached int, and scan the few used
+    # slots; the lists of offenders are built only for the error message
+    cap = bank.slot_rank.shape[0]
+    if batch.max_slot >= cap:
+        bad = sorted(k for k in batch.used_slots if k >= cap)
+        raise ValueError(
+            f"batch uses slot(s) {bad} but this bank has only {cap} slot ids "
+            "(was the adapter loaded into this layer's manager?)"
+        )
+    known = batch.known_slots
+    for slot in batch.used_slots:
+        if slot not in bank and (known is None or slot not in known):
+            raise ValueError(
+                f"batch uses slot {slot}, which holds no adapter: it is not resident in this "
+                "layer's bank and the batch was built without a name -> slot table naming it "
+                "(pass slots= to LoRABatch.from_mixtures, or load the adapter)"
+            )
+
+
 def _validate(x: Tensor, weight: Tensor, bias: Tensor | None, bank: LoRABank, batch: LoRABatch):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -174,10 +222,6 @@ def _validate(x: Tensor, weight: Tensor, bias: Tensor | None, bank: LoRABank, ba
         raise ValueError(
             f"weight must be a 2-D [N, K] tensor, got {getattr(weight, 'shape', weight)}"
         )
-    if not isinstance(bank, LoRABank):
-        raise TypeError(f"bank must be a LoRABank, got {type(bank).__name__}")
-    if not isinstance(batch, LoRABatch):
-        raise TypeError(f"batch must be a LoRABatch, got {type(batch).__name__}")
     n, k = weight.shape
     if x.dim() < 2 or x.shape[-1] != k:
         raise ValueError(
@@ -193,32 +237,18 @@ def _validate(x: Tensor, weight: Tensor, bias: Tensor | None, bank: LoRABank, ba
             raise ValueError(f"bias must have shape [N]=({n},), got {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
             raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
-    if bank.in_features != k or bank.out_features != n:
-        raise ValueError(
-            f"bank is for K={bank.in_features}, N={bank.out_features}; weight is [N={n}, K={k}]"
-        )
-    if bank.lora_a.dtype != x.dtype:
-        raise TypeError(f"bank dtype {bank.lora_a.dtype} differs from x dtype {x.dtype}")
-    if bank.lora_a.device != x.device:
-        raise ValueError(f"bank is on {bank.lora_a.device} but x is on {x.device}")
-    if batch.device != x.device:
-        raise ValueError(f"batch is on {batch.device} but x is on {x.device} (use batch.to())")
-    if not torch.compiler.is_compiling():
-        # host-side checks on the batch's contents; skipped while tracing so that a compiled
-        # graph does not specialise on them (the manager validates at use() time anyway)
-        # every patched layer runs this per call: compare one cached int, and only build the
-        # list of offending slots for the error message
-        cap = bank.slot_rank.shape[0]
-        if batch.max_slot >= cap:
-            bad = sorted(k for k in batch.slots_in_use() if k >= cap)
-            raise ValueError(
-                f"batch uses slot(s) {bad} but this bank has only {cap} slot ids "
-                "(was the adapter loaded into this layer's manager?)"
-            )
+        _check_same("bias", bias, x)
+    _check_same("weight", weight, x)
+    _check_bank(bank, x, k, n, "weight")
+    _check_batch(batch, bank, x, x.shape[0] if x.dim() > 2 else None)
+
+
+def _launch_meta(batch: LoRABatch, bank: LoRABank, max_rows: int, device: torch.device):  # noqa: ANN202
+    """Real maxima in eager mode; capacities while compiling, capturing, or when frozen
+    (see :class:`~lorakernels.kernels.LaunchMeta`)."""
+    if batch.frozen or torch.compiler.is_compiling() or _capturing(device):
+        return LaunchMeta(max_rows, batch.max_entries, bank.max_rank)
+    return LaunchMeta(max_rows, batch.real_max_entries, bank.max_rank)
 
 
 def multi_lora_linear(
@@ -234,10 +264,13 @@ def multi_lora_linear(
     Args:
         x: ``[M, K]`` or ``[S, T, K]`` (any ``[..., K]``), float32/float16/bfloat16/float64;
             rows are in sample order (see :class:`~lorakernels.batch.LoRABatch` for the rule).
+            With more than two dimensions the first is the sample dimension: its size must be
+            a multiple of the batch's sample count.
         weight: ``[N, K]`` base weight, same dtype and device as ``x``.
         bias: ``[N]`` or ``None``.
         bank: this layer's :class:`~lorakernels.bank.LoRABank` (same dtype and device).
-        batch: the :class:`~lorakernels.batch.LoRABatch` of this forward pass.
+        batch: the :class:`~lorakernels.batch.LoRABatch` of this forward pass; every slot it
+            uses must hold an adapter (resident here, or in its name -> slot table).
         backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``None`` (see module doc).
 
     Returns:
@@ -250,20 +283,19 @@ def multi_lora_linear(
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    row_ptr, max_rows = batch.rows_for(x2.shape[0])
-    args = (
-        x2, weight, bias, bank.lora_a, bank.lora_bt, bank.slot_start, bank.slot_rank,
-        bank.slot_scale, row_ptr, batch.entry_ptr, batch.entry_slot, batch.entry_weight,
-    )  # fmt: skip
+    batch_t, max_rows = batch.tensors(x2.shape[0])
+    meta = _launch_meta(batch, bank, max_rows, x.device)
+    args = (x2, weight, bias, bank_tensors(bank), batch_t, meta)
     if name in _EAGER_DIRECT and not torch.compiler.is_compiling():
-        # reference and cpu are plain differentiable torch code: in eager mode call them
-        # directly and skip the custom op's Python dispatch (~100 us a call, which is 2-3 % of
-        # a 77-row text layer); under torch.compile the opaque op keeps the graph unspecialised
-        meta = LaunchMeta(max_rows, batch.max_entries, bank.max_rank)
-        y = backend_module(name).multi_lora_linear(*args, meta)
+        y = backend_module(name).multi_lora_linear(*args)
     else:
-        y = _multi_lora_linear_op(*args, max_rows, batch.max_entries, bank.max_rank, name)
+        y = _ops.multi_lora_linear(*args, name)
     return y.reshape(*lead, weight.shape[0])
+
+
+def _conv_impl(name: str) -> Callable[..., Tensor]:
+    fn = getattr(backend_module(name), "multi_lora_conv2d", None)
+    return fn if fn is not None else backend_module("reference").multi_lora_conv2d
 
 
 def multi_lora_conv2d(
@@ -275,40 +307,40 @@ def multi_lora_conv2d(
     stride: tuple[int, int],
     padding: tuple[int, int] | str,
     dilation: tuple[int, int],
+    backend: str | None = None,
 ) -> Tensor:
     """``base + Σ strength * (alpha/r) * conv2d(conv2d(x, A), B)`` per sample (k x k convs).
 
     The unfused LoCon path: ``A`` is the bank's ``[r, C_in*kh*kw]`` rows viewed as a
-    ``[r, C_in, kh, kw]`` convolution with the layer's stride, padding and dilation; ``B`` is a
-    1x1 convolution ``[C_out, r]``. Samples are the ``N`` of ``x [N, C_in, H, W]`` (split into
-    ``S`` equal groups). Computes in float32 (float64 for float64 input) and rounds once.
+    ``[r, C_in, kh, kw]`` convolution with the layer's stride, padding (zeros; pad ``x``
+    yourself for other modes) and dilation; ``B`` is a 1x1 convolution ``[C_out, r]``.
+    Samples are the ``N`` of ``x [N, C_in, H, W]`` (split into ``S`` equal groups). Computes
+    in float32 (float64 for float64 input) and rounds once.
 
     Args:
-        x: ``[N, C_in, H, W]`` layer input; ``base``: the base ``conv2d`` output.
+        x: ``[N, C_in, H, W]`` layer input.
+        base: ``[N, C_out, H', W']``, the base ``conv2d`` output (a backend may add the LoRA
+            term into it in place when it is already float32/float64).
+        weight_shape: the layer's ``[C_out, C_in, kh, kw]``.
+        backend: as for :func:`multi_lora_linear`.
     """
     c_out, c_in, kh, kw = weight_shape
-    if x.dim() != 4 or x.shape[1] != c_in:
-        raise ValueError(f"x must be [N, {c_in}, H, W], got {tuple(x.shape)}")
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != c_in:
+        raise ValueError(f"x must be [N, {c_in}, H, W], got {tuple(getattr(x, 'shape', ()))}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if not isinstance(base, Tensor) or base.dim() != 4 or base.shape[:2] != (x.shape[0], c_out):
+        raise ValueError(
+            f"base must be [N={x.shape[0]}, C_out={c_out}, H', W'], got "
+            f"{tuple(getattr(base, 'shape', ()))}"
+        )
+    _check_same("base", base, x)
+    _check_bank(bank, x, c_in * kh * kw, c_out, "weight_shape (C_in*kh*kw, C_out)")
     if batch.rows_per_sample is not None:
         raise ValueError("batch: k x k convolutions need equal-length samples (no rows_per_sample)")
-    if x.shape[0] % batch.num_samples != 0:
-        raise ValueError(
-            f"x has batch size {x.shape[0]}, which the batch's {batch.num_samples} samples "
-            "do not divide"
-        )
-    per = x.shape[0] // batch.num_samples
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = base.to(ct)
-    slots = bank.slots()
-    for s, mix in enumerate(batch.mixtures):
-        items = [(slots[k], w) for k, w in mix if k in slots]
-        if not items:
-            continue
-        a = torch.cat([bank.lora_a[st : st + r] for (st, r, _), _ in items]).to(ct)
-        b = torch.cat([bank.lora_bt[st : st + r] for (st, r, _), _ in items]).to(ct)
-        coef = torch.tensor([w * sc for (_, r, sc), w in items for _ in range(r)], dtype=ct)
-        xs = x[s * per : (s + 1) * per].to(ct)
-        t = F.conv2d(xs, a.view(-1, c_in, kh, kw), None, stride, padding, dilation)
-        t = t * coef.to(t.device).view(1, -1, 1, 1)  # the rank intermediate, fp32
-        out[s * per : (s + 1) * per] += F.conv2d(t, b.T.reshape(c_out, -1, 1, 1))
-    return out.to(x.dtype)
+    _check_batch(batch, bank, x, x.shape[0])
+    name = resolve_backend(x.device, backend, x.dtype)
+    batch_t, per = batch.tensors(x.shape[0])
+    meta = _launch_meta(batch, bank, per, x.device)
+    conv = ConvMeta(c_in, kh, kw, tuple(stride), padding, tuple(dilation))
+    return _conv_impl(name)(x, base, bank_tensors(bank), batch_t, meta, conv)

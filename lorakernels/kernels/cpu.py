@@ -39,7 +39,10 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from . import LaunchMeta
+from . import BankTensors, BatchTensors, LaunchMeta, compute_dtype
+from .cpu_conv import multi_lora_conv2d
+
+__all__ = ["multi_lora_conv2d", "multi_lora_linear", "unavailable_reason"]
 
 _MAX_PAD_WASTE = 1.5
 
@@ -48,11 +51,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"the cpu backend runs on CPU tensors only (got {device.type})"
     return None
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Plan:
@@ -187,15 +185,8 @@ def multi_lora_linear(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    lora_a: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
+    bank: BankTensors,
+    batch: BatchTensors,
     meta: LaunchMeta,
 ) -> Tensor:
     """``[M, K] -> [M, N]``; see :mod:`lorakernels.kernels` for the argument table."""
@@ -205,7 +196,14 @@ def multi_lora_linear(
     w = weight.to(ct)
     b = bias.to(ct) if bias is not None else None
     plan = _plan(
-        row_ptr, entry_ptr, entry_slot, entry_weight, slot_start, slot_rank, slot_scale, ct
+        batch.row_ptr,
+        batch.entry_ptr,
+        batch.entry_slot,
+        batch.entry_weight,
+        bank.slot_start,
+        bank.slot_rank,
+        bank.slot_scale,
+        ct,
     )
     if plan.kind == "none":
         y = torch.addmm(b, xc, w.T) if b is not None else xc @ w.T
@@ -213,6 +211,6 @@ def multi_lora_linear(
     # LoRA term first, then the base GEMM accumulates onto it (beta=1): the GEMM reads y while
     # it is compute-bound, which hides the pass over y that a separate "y += t @ B" would cost
     # (measured 1.13 vs 1.21 x base at (4096, 320, 320), 1 thread)
-    y = _lora_term(plan, xc, lora_a, lora_bt, ct, b)
+    y = _lora_term(plan, xc, bank.lora_a, bank.lora_bt, ct, b)
     y.addmm_(xc, w.T)
     return y.to(x.dtype)

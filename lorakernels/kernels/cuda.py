@@ -16,9 +16,9 @@ parts, about 22 mantissa bits); fp32 inputs use fp32 FMAs throughout. Any K and 
 ranks up to ``meta.max_rank``.
 
 Ops: ``torch.ops.lorakernels.sgmv_shrink``, ``sgmv_expand`` (functional: fp32 or bank-dtype
-``y`` in, bank dtype out) and ``sgmv_expand_`` (in place). Their schemas and fake kernels are
-registered at import, with or without the native library (torchao style), so tracing and
-``torch.compile`` see them everywhere; the CUDA kernels call the library through ctypes on
+``y`` in, bank dtype out) and ``sgmv_expand_`` (in place). Their schemas and fake kernels live
+in :mod:`lorakernels._ops` (they exist with or without the native library, torchao style);
+this module registers their CUDA kernels, which call the library through ctypes on
 ``torch.cuda.current_stream()``.
 
 Constraints checked here (``ops.py`` checks meaning): CUDA tensors, float32/float16/bfloat16
@@ -35,41 +35,13 @@ import functools
 import torch
 from torch import Tensor
 
-from .. import _native
-from . import LaunchMeta
+from .. import _native, _ops
+from . import BankTensors, BatchTensors, LaunchMeta
 
 __all__ = ["lora_expand", "lora_shrink", "multi_lora_linear", "unavailable_reason"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_ARGS = ("slot_start", "slot_rank", "row_ptr", "entry_ptr", "entry_slot")
-
-# ---------------------------------------------------------------------------- op schemas
-_lib = torch.library.Library("lorakernels", "FRAGMENT")
-_IDX = "Tensor slot_start, Tensor slot_rank"
-_SEG = "Tensor row_ptr, Tensor entry_ptr, Tensor entry_slot"
-_CAP = "int max_rows, int max_entries, int max_rank"
-_lib.define(f"sgmv_shrink(Tensor x, Tensor lora_a, {_IDX}, {_SEG}, {_CAP}) -> Tensor")
-_EXPAND_ARGS = (
-    f"Tensor t, Tensor lora_bt, {_IDX}, Tensor slot_scale, {_SEG}, Tensor entry_weight, {_CAP}"
-)
-_lib.define(f"sgmv_expand(Tensor y, {_EXPAND_ARGS}) -> Tensor")
-_lib.define(f"sgmv_expand_(Tensor(a!) y, {_EXPAND_ARGS}) -> ()")
-
-
-@torch.library.register_fake("lorakernels::sgmv_shrink", lib=_lib)
-def _shrink_fake(x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot,
-                 max_rows, max_entries, max_rank):  # fmt: skip # noqa: ANN001, ANN202
-    return x.new_empty((x.shape[0], max_entries * max_rank), dtype=torch.float32)
-
-
-@torch.library.register_fake("lorakernels::sgmv_expand", lib=_lib)
-def _expand_fake(y, t, lora_bt, *args):  # noqa: ANN001, ANN202
-    return y.new_empty(y.shape, dtype=lora_bt.dtype)
-
-
-@torch.library.register_fake("lorakernels::sgmv_expand_", lib=_lib)
-def _expand_inplace_fake(y, *args):  # noqa: ANN001, ANN202
-    return None
 
 
 # ---------------------------------------------------------------------------- checks
@@ -237,7 +209,7 @@ OP_IMPLS = {
     "sgmv_expand_": _expand_inplace_impl,
 }
 for _name, _fn in OP_IMPLS.items():
-    _lib.impl(_name, _fn, "CUDA")
+    _ops.LIB.impl(_name, _fn, "CUDA")
 
 
 # ---------------------------------------------------------------------------- backend API
@@ -268,43 +240,18 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _device_reason(index)
 
 
-def lora_shrink(
-    x: Tensor,
-    lora_a: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    meta: LaunchMeta,
-) -> Tensor:
+def lora_shrink(x: Tensor, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta) -> Tensor:
     """fp32 ``t [M, meta.max_entries * meta.max_rank]``: entry ``j`` of a row's sample in
     columns ``j * max_rank : j * max_rank + rank`` (zero elsewhere)."""
-    return torch.ops.lorakernels.sgmv_shrink(
-        x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot,
-        meta.max_rows, meta.max_entries, meta.max_rank,
-    )  # fmt: skip
+    return _ops.sgmv_shrink(x, bank, batch, meta)
 
 
 def lora_expand(
-    y: Tensor,
-    t: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
-    meta: LaunchMeta,
+    y: Tensor, t: Tensor, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta
 ) -> None:
     """``y += entry_weight * slot_scale * t_entry @ lora_bt_rows`` per sample, in place
     (``y`` in the bank dtype; the sum is formed in fp32 and rounded once into ``y``)."""
-    torch.ops.lorakernels.sgmv_expand_(
-        y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
-        entry_weight, meta.max_rows, meta.max_entries, meta.max_rank,
-    )  # fmt: skip
+    _ops.sgmv_expand_(y, t, bank, batch, meta)
 
 
 def _base_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -326,15 +273,8 @@ def multi_lora_linear(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    lora_a: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
+    bank: BankTensors,
+    batch: BatchTensors,
     meta: LaunchMeta,
 ) -> Tensor:
     """``y [M, N] = x @ weight.T + bias + sum of each sample's LoRA terms``, in ``x.dtype``."""
@@ -342,8 +282,5 @@ def multi_lora_linear(
     base = _base_fp32(x, weight, bias)
     if x.shape[0] == 0 or meta.max_entries == 0 or meta.max_rank == 0:
         return base.to(x.dtype)
-    t = lora_shrink(x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, meta)
-    return torch.ops.lorakernels.sgmv_expand(
-        base, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
-        entry_weight, meta.max_rows, meta.max_entries, meta.max_rank,
-    )  # fmt: skip
+    t = lora_shrink(x, bank, batch, meta)
+    return _ops.sgmv_expand(base, t, bank, batch, meta)

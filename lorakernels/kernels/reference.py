@@ -1,37 +1,45 @@
 """Reference backend: readable, differentiable PyTorch; the oracle every other backend meets.
 
-Semantics: exactly the loop in :mod:`lorakernels.kernels` (one sample and one mixture entry at
-a time). Computes in float32, or float64 when ``x`` is float64, and rounds once to ``x.dtype``.
-It reads the batch's device tensors on the host (``.tolist()``), so it is neither fast nor
-CUDA-graph safe; it exists to be obviously right.
+Semantics: exactly the loops in :mod:`lorakernels.kernels` (one sample and one mixture entry
+at a time), for the linear layer and the k x k convolution. Computes in float32, or float64
+when ``x`` is float64, and rounds once to ``x.dtype``. It reads the batch's device tensors on
+the host (``.tolist()``), so it is neither fast nor CUDA-graph safe; it exists to be
+obviously right.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import LaunchMeta
+from . import BankTensors, BatchTensors, ConvMeta, LaunchMeta, compute_dtype
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp16/bf16/fp32 compute in fp32; fp64 stays fp64 (so the oracle can run in fp64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _entries(bank: BankTensors, batch: BatchTensors):  # noqa: ANN202 - a private generator
+    """``(sample, row0, row1, start, rank, entry)`` per entry with a nonzero rank here."""
+    rows = batch.row_ptr.tolist()
+    ptr = batch.entry_ptr.tolist()
+    starts, ranks = bank.slot_start.tolist(), bank.slot_rank.tolist()
+    for s in range(len(rows) - 1):
+        for e in range(ptr[s], ptr[s + 1]):
+            slot = int(batch.entry_slot[e])
+            if ranks[slot]:  # rank 0: the adapter does not touch this layer
+                yield s, rows[s], rows[s + 1], starts[slot], ranks[slot], e
+
+
+def _coef(bank: BankTensors, batch: BatchTensors, e: int, ct: torch.dtype) -> Tensor:
+    """``strength * alpha / r`` of entry ``e`` as a device scalar (no host copy)."""
+    slot = batch.entry_slot[e].long()
+    return batch.entry_weight[e].to(ct) * bank.slot_scale[slot].to(ct)
 
 
 def multi_lora_linear(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    lora_a: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
+    bank: BankTensors,
+    batch: BatchTensors,
     meta: LaunchMeta,
 ) -> Tensor:
     """``[M, K] -> [M, N]``; see :mod:`lorakernels.kernels` for the argument table."""
@@ -41,23 +49,34 @@ def multi_lora_linear(
     y = xc @ weight.to(ct).T
     if bias is not None:
         y = y + bias.to(ct)
-    rows = row_ptr.tolist()
-    ptr = entry_ptr.tolist()
-    starts, ranks = slot_start.tolist(), slot_rank.tolist()
-    pieces = []
-    for s in range(len(rows) - 1):
-        r0, r1 = rows[s], rows[s + 1]
-        ys = y[r0:r1]
-        for e in range(ptr[s], ptr[s + 1]):
-            slot = int(entry_slot[e])
-            a, r = starts[slot], ranks[slot]
-            if r == 0:
-                continue  # the adapter does not touch this layer
-            t = xc[r0:r1] @ lora_a[a : a + r].to(ct).T  # rank intermediate, never rounded
-            coef = entry_weight[e].to(ct) * slot_scale[slot].to(ct)
-            ys = ys + coef * (t @ lora_bt[a : a + r].to(ct))
-        pieces.append(ys)
+    # out-of-place per sample, so the result stays differentiable
+    pieces = list(y.split(torch.diff(batch.row_ptr).tolist()))
+    for s, r0, r1, a, r, e in _entries(bank, batch):
+        t = xc[r0:r1] @ bank.lora_a[a : a + r].to(ct).T  # rank intermediate, never rounded
+        pieces[s] = pieces[s] + _coef(bank, batch, e, ct) * (t @ bank.lora_bt[a : a + r].to(ct))
     out = torch.cat(pieces, dim=0) if pieces else y
+    return out.to(x.dtype)
+
+
+def multi_lora_conv2d(
+    x: Tensor,
+    base: Tensor,
+    bank: BankTensors,
+    batch: BatchTensors,
+    meta: LaunchMeta,
+    conv: ConvMeta,
+) -> Tensor:
+    """``[N_img, C_in, H, W] -> base + LoRA terms``; see :mod:`lorakernels.kernels`."""
+    del meta
+    ct = compute_dtype(x.dtype)
+    xc = x.to(ct)
+    pieces = list(base.to(ct).split(torch.diff(batch.row_ptr).tolist()))
+    for s, r0, r1, a, r, e in _entries(bank, batch):
+        filt = bank.lora_a[a : a + r].to(ct).view(r, conv.c_in, conv.kh, conv.kw)
+        t = F.conv2d(xc[r0:r1], filt, None, conv.stride, conv.padding, conv.dilation)
+        up = bank.lora_bt[a : a + r].to(ct).T.reshape(-1, r, 1, 1)
+        pieces[s] = pieces[s] + _coef(bank, batch, e, ct) * F.conv2d(t, up)
+    out = torch.cat(pieces, dim=0) if pieces else base.to(ct)
     return out.to(x.dtype)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import LaunchMeta
+from .. import BankTensors, BatchTensors, LaunchMeta
 
 __all__ = ["lora_expand", "lora_shrink", "multi_lora_linear", "unavailable_reason"]
 
@@ -38,62 +38,28 @@ def multi_lora_linear(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    lora_a: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
+    bank: BankTensors,
+    batch: BatchTensors,
     meta: LaunchMeta,
 ) -> Tensor:
     """``y [M, N] = x @ weight.T + bias + sum of each sample's LoRA terms``, in ``x.dtype``."""
     from .launch import plan_multi_lora_linear
 
-    return plan_multi_lora_linear(
-        x, weight, bias, lora_a, lora_bt, slot_start, slot_rank, slot_scale,
-        row_ptr, entry_ptr, entry_slot, entry_weight, meta,
-    )()  # fmt: skip
+    return plan_multi_lora_linear(x, weight, bias, *bank, *batch, meta)()
 
 
-def lora_shrink(
-    x: Tensor,
-    lora_a: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    meta: LaunchMeta,
-) -> Tensor:
+def lora_shrink(x: Tensor, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta) -> Tensor:
     """fp32 ``t [M, meta.max_entries * meta.max_rank]``: entry ``j`` of a row's sample in
     columns ``j * max_rank : j * max_rank + rank`` (other columns are unspecified)."""
     from .launch import plan_lora_shrink
 
-    return plan_lora_shrink(
-        x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, meta
-    )()
+    return plan_lora_shrink(x, bank.lora_a, bank.slot_start, bank.slot_rank, *batch[:3], meta)()
 
 
 def lora_expand(
-    y: Tensor,
-    t: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
-    meta: LaunchMeta,
+    y: Tensor, t: Tensor, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta
 ) -> None:
     """``y += entry_weight * slot_scale * t_entry @ lora_bt_rows`` per sample, in place."""
     from .launch import plan_lora_expand
 
-    plan_lora_expand(
-        y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
-        entry_weight, meta,
-    )()  # fmt: skip
+    plan_lora_expand(y, t, *bank[1:], *batch, meta)()
