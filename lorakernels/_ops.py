@@ -6,9 +6,9 @@ library or triton (torchao and bitsandbytes keep theirs the same way), so tracin
 ``lorakernels.ops`` registers the one of ``multi_lora_linear`` (it dispatches on its
 ``backend`` argument), ``lorakernels.kernels.cuda`` the CUDA kernels of the ``sgmv_*`` ops.
 
-Schemas take flat tensors (they cannot take Python objects); the kernel bundles
-(:class:`~lorakernels.kernels.BankTensors`, :class:`~lorakernels.kernels.BatchTensors`,
-:class:`~lorakernels.kernels.LaunchMeta`) are flattened and rebuilt here and nowhere else.
+Schemas take flat tensors (they cannot take Python objects); the kernel arguments
+(:class:`~lorakernels.kernels.LoRAArgs`: the bank's and the batch's tensors and the launch
+bounds) are flattened and rebuilt here and nowhere else.
 
 Ops (namespace ``torch.ops.lorakernels``):
 
@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .kernels import BankTensors, BatchTensors, LaunchMeta
+from .kernels import BankTensors, BatchTensors, LaunchMeta, LoRAArgs
 
 LIB = torch.library.Library("lorakernels", "FRAGMENT")
 
@@ -58,64 +58,47 @@ def _caps(meta: LaunchMeta) -> tuple[int, int, int]:
     return meta.max_rows, meta.max_entries, meta.max_rank
 
 
-def _flat(bank: tuple, batch: BatchTensors, meta: LaunchMeta) -> tuple:
-    return (*bank, *batch, *_caps(meta))
-
-
-def _bundles(args: tuple) -> tuple[BankTensors, BatchTensors, LaunchMeta]:
-    """``(bank, batch, meta)`` from the 12 schema arguments after ``x, weight, bias``."""
-    return BankTensors(*args[:5]), BatchTensors(*args[5:9]), LaunchMeta(*args[9:12])
+def _unflatten(args: tuple) -> LoRAArgs:
+    """:class:`LoRAArgs` from the 12 schema arguments after ``x, weight, bias``."""
+    return LoRAArgs(BankTensors(*args[:5]), BatchTensors(*args[5:9]), LaunchMeta(*args[9:12]))
 
 
 def multi_lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    bank: BankTensors,
-    batch: BatchTensors,
-    meta: LaunchMeta,
-    backend: str,
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs, backend: str
 ) -> Tensor:
-    """Call ``torch.ops.lorakernels.multi_lora_linear`` with the bundles flattened."""
-    return torch.ops.lorakernels.multi_lora_linear(
-        x, weight, bias, *_flat(bank, batch, meta), backend
-    )
+    """Call ``torch.ops.lorakernels.multi_lora_linear`` with ``lora`` flattened."""
+    flat = (*lora.bank, *lora.batch, *_caps(lora.meta))
+    return torch.ops.lorakernels.multi_lora_linear(x, weight, bias, *flat, backend)
 
 
-LinearImpl = Callable[
-    [Tensor, Tensor, "Tensor | None", BankTensors, BatchTensors, LaunchMeta, str], Tensor
-]
+LinearImpl = Callable[[Tensor, Tensor, "Tensor | None", LoRAArgs, str], Tensor]
 
 
 def register_linear_impl(fn: LinearImpl) -> None:
-    """Register ``fn(x, weight, bias, bank, batch, meta, backend)`` as the op's kernel for
-    every device (it picks the backend module by name)."""
+    """Register ``fn(x, weight, bias, lora, backend)`` as the op's kernel for every device
+    (it picks the backend module by name)."""
 
     def kernel(x: Tensor, weight: Tensor, bias: Tensor | None, *rest: object) -> Tensor:
-        return fn(x, weight, bias, *_bundles(rest[:12]), rest[12])
+        return fn(x, weight, bias, _unflatten(rest[:12]), rest[12])
 
     torch.library.register_kernel("lorakernels::multi_lora_linear", None, kernel, lib=LIB)
 
 
-def sgmv_shrink(x: Tensor, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta) -> Tensor:
-    """``torch.ops.lorakernels.sgmv_shrink`` on the bundles."""
-    return torch.ops.lorakernels.sgmv_shrink(
-        x, bank.lora_a, bank.slot_start, bank.slot_rank, *batch[:3], *_caps(meta)
-    )
+def sgmv_shrink(x: Tensor, lora: LoRAArgs) -> Tensor:
+    """``torch.ops.lorakernels.sgmv_shrink`` on ``lora``."""
+    a, _, start, rank, _ = lora.bank
+    return torch.ops.lorakernels.sgmv_shrink(x, a, start, rank, *lora.batch[:3], *_caps(lora.meta))
 
 
-def sgmv_expand(
-    y: Tensor, t: Tensor, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta
-) -> Tensor:
-    """``torch.ops.lorakernels.sgmv_expand`` (functional) on the bundles."""
-    return torch.ops.lorakernels.sgmv_expand(y, t, *_flat(bank[1:], batch, meta))
+def sgmv_expand(y: Tensor, t: Tensor, lora: LoRAArgs) -> Tensor:
+    """``torch.ops.lorakernels.sgmv_expand`` (functional) on ``lora``."""
+    flat = (*lora.bank[1:], *lora.batch, *_caps(lora.meta))
+    return torch.ops.lorakernels.sgmv_expand(y, t, *flat)
 
 
-def sgmv_expand_(
-    y: Tensor, t: Tensor, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta
-) -> None:
-    """``torch.ops.lorakernels.sgmv_expand_`` (in place on ``y``) on the bundles."""
-    torch.ops.lorakernels.sgmv_expand_(y, t, *_flat(bank[1:], batch, meta))
+def sgmv_expand_(y: Tensor, t: Tensor, lora: LoRAArgs) -> None:
+    """``torch.ops.lorakernels.sgmv_expand_`` (in place on ``y``) on ``lora``."""
+    torch.ops.lorakernels.sgmv_expand_(y, t, *lora.bank[1:], *lora.batch, *_caps(lora.meta))
 
 
 # ---------------------------------------------------------------------- fakes
@@ -160,6 +143,13 @@ def _check_caps(max_rows: int, max_entries: int, max_rank: int) -> None:
     torch._check(min(max_rows, max_entries, max_rank) >= 0, lambda: "launch bounds must be >= 0")
 
 
+def _check_slots_batch_caps(lora_a: Tensor | None, lora_bt: Tensor, rest: tuple) -> None:
+    """``rest``: the 10 schema arguments after ``lora_bt`` (slot tensors, batch, bounds)."""
+    _check_bank(lora_a, lora_bt, rest[:3])
+    _check_batch(*rest[3:7])
+    _check_caps(*rest[7:10])
+
+
 @torch.library.register_fake("lorakernels::multi_lora_linear", lib=LIB)
 def _linear_fake(x, weight, bias, lora_a, lora_bt, *rest):  # noqa: ANN001, ANN202
     torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {tuple(x.shape)}")
@@ -177,9 +167,7 @@ def _linear_fake(x, weight, bias, lora_a, lora_bt, *rest):  # noqa: ANN001, ANN2
             f"[R, K={x.shape[1]}] / [R, N={n}]"
         ),
     )
-    _check_bank(lora_a, lora_bt, rest[:3])
-    _check_batch(*rest[3:7])
-    _check_caps(*rest[7:10])
+    _check_slots_batch_caps(lora_a, lora_bt, rest)
     return x.new_empty(x.shape[0], n)
 
 
@@ -206,9 +194,7 @@ def _check_expand(y: Tensor, t: Tensor, lora_bt: Tensor, rest: tuple) -> None:
             f"{rest[8] * rest[9]}] (max_entries * max_rank)"
         ),
     )
-    _check_bank(None, lora_bt, rest[:3])
-    _check_batch(*rest[3:7])
-    _check_caps(*rest[7:10])
+    _check_slots_batch_caps(None, lora_bt, rest)
 
 
 @torch.library.register_fake("lorakernels::sgmv_expand", lib=LIB)
@@ -235,10 +221,10 @@ def _backward(ctx, grad):  # noqa: ANN001, ANN202 - torch.library signature
     weight and the bank's ``A``/``B.T`` rows swapped.
     """
     x, weight, bias, *rest = ctx.inputs
-    bank, batch, meta = _bundles(tuple(rest[:12]))
+    lora = _unflatten(tuple(rest[:12]))
+    bank = lora.bank._replace(lora_a=lora.bank.lora_bt, lora_bt=lora.bank.lora_a)
     grad = grad.contiguous()
-    swapped = bank._replace(lora_a=bank.lora_bt, lora_bt=bank.lora_a)
-    dx = multi_lora_linear(grad, weight.T.contiguous(), None, swapped, batch, meta, rest[12])
+    dx = multi_lora_linear(grad, weight.T.contiguous(), None, lora._replace(bank=bank), rest[12])
     dw = grad.T @ x
     db = grad.sum(0) if bias is not None else None
     return (dx, dw, db) + (None,) * 13

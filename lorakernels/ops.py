@@ -39,7 +39,7 @@ from torch import Tensor
 from . import _ops
 from .bank import LoRABank
 from .batch import LoRABatch, _capturing
-from .kernels import BankTensors, BatchTensors, ConvMeta, LaunchMeta
+from .kernels import BankTensors, ConvMeta, LaunchMeta, LoRAArgs
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 _MODULES = {
@@ -144,17 +144,9 @@ def bank_tensors(bank: LoRABank) -> BankTensors:
     return BankTensors(bank.lora_a, bank.lora_bt, bank.slot_start, bank.slot_rank, bank.slot_scale)
 
 
-def _run_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    bank: BankTensors,
-    batch: BatchTensors,
-    meta: LaunchMeta,
-    backend: str,
-) -> Tensor:
+def _run_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs, backend: str):  # noqa: ANN202
     """The custom op's kernel: the backend named by the op's ``backend`` argument."""
-    return backend_module(backend).multi_lora_linear(x, weight, bias, bank, batch, meta)
+    return backend_module(backend).multi_lora_linear(x, weight, bias, lora)
 
 
 _ops.register_linear_impl(_run_linear)
@@ -243,12 +235,17 @@ def _validate(x: Tensor, weight: Tensor, bias: Tensor | None, bank: LoRABank, ba
     _check_batch(batch, bank, x, x.shape[0] if x.dim() > 2 else None)
 
 
-def _launch_meta(batch: LoRABatch, bank: LoRABank, max_rows: int, device: torch.device):  # noqa: ANN202
-    """Real maxima in eager mode; capacities while compiling, capturing, or when frozen
-    (see :class:`~lorakernels.kernels.LaunchMeta`)."""
+def _lora_args(bank: LoRABank, batch: LoRABatch, rows: int, device: torch.device) -> LoRAArgs:
+    """The kernels' arguments for an input of ``rows`` rows (images for convolutions).
+
+    Launch bounds: real maxima in eager mode; capacities while compiling, capturing, or for
+    a frozen batch (see :class:`~lorakernels.kernels.LaunchMeta`)."""
+    batch_t, max_rows = batch.tensors(rows)
     if batch.frozen or torch.compiler.is_compiling() or _capturing(device):
-        return LaunchMeta(max_rows, batch.max_entries, bank.max_rank)
-    return LaunchMeta(max_rows, batch.real_max_entries, bank.max_rank)
+        meta = LaunchMeta(max_rows, batch.max_entries, bank.max_rank)
+    else:
+        meta = LaunchMeta(max_rows, batch.real_max_entries, bank.max_rank)
+    return LoRAArgs(bank_tensors(bank), batch_t, meta)
 
 
 def multi_lora_linear(
@@ -283,9 +280,7 @@ def multi_lora_linear(
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    batch_t, max_rows = batch.tensors(x2.shape[0])
-    meta = _launch_meta(batch, bank, max_rows, x.device)
-    args = (x2, weight, bias, bank_tensors(bank), batch_t, meta)
+    args = (x2, weight, bias, _lora_args(bank, batch, x2.shape[0], x.device))
     if name in _EAGER_DIRECT and not torch.compiler.is_compiling():
         y = backend_module(name).multi_lora_linear(*args)
     else:
@@ -340,7 +335,5 @@ def multi_lora_conv2d(
         raise ValueError("batch: k x k convolutions need equal-length samples (no rows_per_sample)")
     _check_batch(batch, bank, x, x.shape[0])
     name = resolve_backend(x.device, backend, x.dtype)
-    batch_t, per = batch.tensors(x.shape[0])
-    meta = _launch_meta(batch, bank, per, x.device)
     conv = ConvMeta(c_in, kh, kw, tuple(stride), padding, tuple(dilation))
-    return _conv_impl(name)(x, base, bank_tensors(bank), batch_t, meta, conv)
+    return _conv_impl(name)(x, base, _lora_args(bank, batch, x.shape[0], x.device), conv)

@@ -368,14 +368,14 @@ def emulated_ops(_builds: dict[str, Future]):
     lib._destroy()
 
 
-def _bundles(c: dict) -> tuple:
-    """``(BankTensors, BatchTensors)`` of a case, as the backend entry points take them."""
-    from lorakernels.kernels import BankTensors, BatchTensors
+def _lora(c: dict, meta):
+    """The case's ``LoRAArgs``, as the backend entry points take them."""
+    from lorakernels.kernels import BankTensors, BatchTensors, LoRAArgs
 
     idx, fl = c["idx"], c["floats"]
     bank = BankTensors(c["a"], c["bt"], idx["slot_start"], idx["slot_rank"], fl["slot_scale"])
     batch = BatchTensors(idx["row_ptr"], idx["entry_ptr"], idx["entry_slot"], fl["entry_weight"])
-    return bank, batch
+    return LoRAArgs(bank, batch, meta)
 
 
 def _launch_meta(c: dict):
@@ -394,8 +394,8 @@ def test_ops_through_ctypes(emulated_ops, monkeypatch, code: int, aligned: bool)
     monkeypatch.setenv(_native.ENV_LIB, str(emulated_ops))
     c = _case(code, True, aligned, seed=2000 + 10 * code + int(aligned))
     idx, fl, meta = c["idx"], c["floats"], _launch_meta(c)
-    bank, batch = _bundles(c)
-    t = cuda.lora_shrink(c["x"], bank, batch, meta)
+    lora = _lora(c, meta)
+    t = cuda.lora_shrink(c["x"], lora)
     t_ref, y_ref = _reference(c, c["y_in"])
     _check_t(c, t, t_ref, unwritten="zero")  # the contract: zeros past the ranks
     args = (t, c["bt"], idx["slot_start"], idx["slot_rank"], fl["slot_scale"], idx["row_ptr"],
@@ -406,7 +406,7 @@ def test_ops_through_ctypes(emulated_ops, monkeypatch, code: int, aligned: bool)
     _check_y(code, y, y_ref, c["y_in"])
     y2 = c["y_in"].to(_TORCH[code])  # in place on the bank dtype: base rounded, then once more
     y2_base = y2.clone()
-    cuda.lora_expand(y2, t, bank, batch, meta)
+    cuda.lora_expand(y2, t, lora)
     _check_y(code, y2, _reference(c, y2_base)[1], y2_base)
 
 
@@ -421,14 +421,14 @@ def test_multi_lora_linear_through_ctypes(emulated_ops, monkeypatch, code: int) 
     gen = torch.Generator().manual_seed(7 + code)
     w = torch.randn(c["meta"]["N"], c["meta"]["K"], generator=gen).to(_TORCH[code])
     b = torch.randn(c["meta"]["N"], generator=gen).to(_TORCH[code])
-    bank, batch = _bundles(c)
     x64, w64, b64, a64, bt64 = (t.double() for t in (c["x"], w, b, c["a"], c["bt"]))
     base = x64 @ w64.T + b64
     for meta in (_launch_meta(c), LaunchMeta(140, 0, 0)):  # with LoRA, and none resident
-        y = cuda.multi_lora_linear(c["x"], w, b, bank, batch, meta)
+        lora = _lora(c, meta)
+        y = cuda.multi_lora_linear(c["x"], w, b, lora)
         if meta.max_rank:
-            bank64 = bank._replace(lora_a=a64, lora_bt=bt64)
-            ref = reference.multi_lora_linear(x64, w64, b64, bank64, batch, meta)
+            bank64 = lora.bank._replace(lora_a=a64, lora_bt=bt64)
+            ref = reference.multi_lora_linear(x64, w64, b64, lora._replace(bank=bank64))
         else:  # max_rank 0: no adapter resident in this layer, exactly the base layer
             ref = base
         assert y.dtype == _TORCH[code]

@@ -23,7 +23,15 @@ import torch.nn.functional as F
 
 import lorakernels as lk
 from lorakernels import _ops, ops
-from lorakernels.kernels import BankTensors, BatchTensors, ConvMeta, LaunchMeta, cpu, reference
+from lorakernels.kernels import (
+    BankTensors,
+    BatchTensors,
+    ConvMeta,
+    LaunchMeta,
+    LoRAArgs,
+    cpu,
+    reference,
+)
 from lorakernels.testing import random_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,18 +61,22 @@ def test_ops_exist_after_bare_import():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
+def _lora(bank, batch, rows: int) -> LoRAArgs:
+    batch_t, per = batch.tensors(rows)
+    return LoRAArgs(
+        ops.bank_tensors(bank), batch_t, LaunchMeta(per, batch.max_entries, bank.max_rank)
+    )
+
+
 def _flat_args(p, backend: str) -> tuple:
-    batch_t, per = p.batch.tensors(p.x.shape[0])
-    meta = LaunchMeta(per, p.batch.max_entries, p.bank.max_rank)
-    return (p.x, p.weight, p.bias, *ops.bank_tensors(p.bank), *batch_t, *_ops._caps(meta), backend)
+    lora = _lora(p.bank, p.batch, p.x.shape[0])
+    return (p.x, p.weight, p.bias, *lora.bank, *lora.batch, *_ops._caps(lora.meta), backend)
 
 
 def test_bundles_round_trip_through_the_schema():
     p = random_problem(samples=2, rows=3, K=8, N=6, ranks=[2], seed=1)
     args = _flat_args(p, "cpu")
-    bank, batch, meta = _ops._bundles(args[3:15])
-    assert bank == ops.bank_tensors(p.bank) and batch == p.batch.tensors(6)[0]
-    assert meta == LaunchMeta(*args[12:15])
+    assert _ops._unflatten(args[3:15]) == _lora(p.bank, p.batch, 6)
     assert BankTensors._fields == ("lora_a", "lora_bt", "slot_start", "slot_rank", "slot_scale")
     assert BatchTensors._fields == ("row_ptr", "entry_ptr", "entry_slot", "entry_weight")
 
@@ -180,13 +192,12 @@ def _base64(x, weight, geom):
 
 def test_cpu_conv_builds_device_tensors_once(monkeypatch):
     x, base, weight, bank, batch, geom, _ = _conv_problem(torch.float32, seed=3)
-    bank_t, (batch_t, per) = ops.bank_tensors(bank), batch.tensors(x.shape[0])
-    meta, conv = LaunchMeta(per, 2, 5), ConvMeta(5, 3, 3, **geom)
-    first = cpu.multi_lora_conv2d(x, base.clone(), bank_t, batch_t, meta, conv)
+    lora, conv = _lora(bank, batch, x.shape[0]), ConvMeta(5, 3, 3, **geom)
+    first = cpu.multi_lora_conv2d(x, base.clone(), lora, conv)
     made = []
     real = torch.tensor
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
-    again = cpu.multi_lora_conv2d(x, base.clone(), bank_t, batch_t, meta, conv)
+    again = cpu.multi_lora_conv2d(x, base.clone(), lora, conv)
     assert made == [] and torch.equal(first, again)
-    ref = reference.multi_lora_conv2d(x, base, bank_t, batch_t, meta, conv)
+    ref = reference.multi_lora_conv2d(x, base, lora, conv)
     torch.testing.assert_close(again, ref)

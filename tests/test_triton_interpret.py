@@ -35,7 +35,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from lorakernels.kernels import BankTensors, BatchTensors, LaunchMeta, reference  # noqa: E402
+from lorakernels.kernels import BankTensors, BatchTensors, LaunchMeta, LoRAArgs, reference  # noqa: E402
 from lorakernels.kernels.triton import dispatch  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -55,12 +55,12 @@ class Case:
     ranks: list[int]
 
 
-def bundled(args: dict[str, Tensor | None]) -> tuple:
-    """``(x, weight, bias, BankTensors, BatchTensors)``: a case's arguments as backends take
-    them (the launch plans below still take the flat tensors)."""
+def bundled(args: dict[str, Tensor | None], meta: LaunchMeta) -> tuple:
+    """``(x, weight, bias, LoRAArgs)``: a case's arguments as backends take them (the launch
+    plans below still take the flat tensors)."""
     bank = BankTensors(*(args[k] for k in BankTensors._fields))
     batch = BatchTensors(*(args[k] for k in BatchTensors._fields))
-    return args["x"], args["weight"], args["bias"], bank, batch
+    return args["x"], args["weight"], args["bias"], LoRAArgs(bank, batch, meta)
 
 
 def make_case(
@@ -136,7 +136,7 @@ def reference64(case: Case, *, lora: bool = True) -> Tensor:
     }
     if not lora:
         args["entry_ptr"] = torch.zeros_like(args["entry_ptr"])
-    return reference.multi_lora_linear(*bundled(args), case.meta)
+    return reference.multi_lora_linear(*bundled(args, case.meta))
 
 
 def plain_torch(case: Case) -> Tensor:
@@ -301,7 +301,7 @@ else:
 
     def test_public_backend_function_matches_reference():
         case = build("odd", torch.float16, seed=1)
-        assert_close(backend.multi_lora_linear(*bundled(case.args), case.meta), case)
+        assert_close(backend.multi_lora_linear(*bundled(case.args, case.meta)), case)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
     @pytest.mark.parametrize("split_k", [1, 3])
@@ -354,7 +354,7 @@ else:
                 ).float()
         y0 = torch.randn(m, a["weight"].shape[0]).to(dtype)
         y = y0.clone()
-        backend.lora_expand(y, t, *bundled(a)[3:], meta)
+        backend.lora_expand(y, t, bundled(a, meta)[3])
         lora64 = reference64(case) - reference64(case, lora=False)
         want = y0.double() + lora64
         # One rounding of the sum in the output dtype (two units: bf16 truncates in the
@@ -448,7 +448,7 @@ else:
         case = build("odd", torch.float32)
         case.args["row_ptr"] = case.args["row_ptr"].long()
         with pytest.raises(TypeError, match="row_ptr"):
-            backend.multi_lora_linear(*bundled(case.args), case.meta)
+            backend.multi_lora_linear(*bundled(case.args, case.meta))
 
     def test_float64_is_a_type_error_naming_x():
         case = build("odd", torch.float32)
@@ -456,7 +456,7 @@ else:
             if case.args[name] is not None:
                 case.args[name] = case.args[name].double()
         with pytest.raises(TypeError, match="x"):
-            backend.multi_lora_linear(*bundled(case.args), case.meta)
+            backend.multi_lora_linear(*bundled(case.args, case.meta))
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
     @pytest.mark.parametrize(

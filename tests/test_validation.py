@@ -117,9 +117,9 @@ def test_launch_meta_real_maxima_in_eager_capacities_when_frozen(monkeypatch):
     seen: list[LaunchMeta] = []
     real = ops.backend_module("cpu").multi_lora_linear
 
-    def spy(x, weight, bias, bank, batch_t, meta):
-        seen.append(meta)
-        return real(x, weight, bias, bank, batch_t, meta)
+    def spy(x, weight, bias, lora):
+        seen.append(lora.meta)
+        return real(x, weight, bias, lora)
 
     monkeypatch.setattr(ops.backend_module("cpu"), "multi_lora_linear", spy)
     lk.multi_lora_linear(p.x, p.weight, p.bias, p.bank, batch, "cpu")

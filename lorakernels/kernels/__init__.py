@@ -5,8 +5,7 @@ backend module (``ops.py`` is the only place that chooses between them):
 
 .. code-block:: python
 
-    def multi_lora_linear(x, weight, bias, bank: BankTensors, batch: BatchTensors,
-                          meta: LaunchMeta) -> Tensor
+    def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs) -> Tensor
     def unavailable_reason(device: torch.device) -> str | None
 
 and, where the backend has one, the k x k LoCon convolution (``ops`` uses the reference's
@@ -14,15 +13,16 @@ where the resolved backend has none):
 
 .. code-block:: python
 
-    def multi_lora_conv2d(x, base, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta,
-                          conv: ConvMeta) -> Tensor
+    def multi_lora_conv2d(x: Tensor, base: Tensor, lora: LoRAArgs, conv: ConvMeta) -> Tensor
 
-The arguments come as three bundles: the layer's adapter storage (:class:`BankTensors`, from
-:class:`~lorakernels.bank.LoRABank`), the forward pass's adapter map (:class:`BatchTensors`,
-from :meth:`~lorakernels.batch.LoRABatch.tensors`) and the host-side bounds
-(:class:`LaunchMeta`). They are named tuples, so a launcher that needs the flat tensors
-unpacks them (``*bank``) and ``bank._replace(lora_a=..., lora_bt=...)`` swaps fields.
-All are already validated by ``lorakernels.ops`` (same device everywhere; dtypes as below).
+``lora`` (:class:`LoRAArgs`, the one kernel-metadata object, as in vLLM) holds two bundles and
+the bounds: ``lora.bank``, the layer's adapter storage (:class:`BankTensors`, from
+:class:`~lorakernels.bank.LoRABank`); ``lora.batch``, the forward pass's adapter map
+(:class:`BatchTensors`, from :meth:`~lorakernels.batch.LoRABatch.tensors`); ``lora.meta``, the
+host-side bounds (:class:`LaunchMeta`). They are named tuples, so a launcher that needs flat
+tensors unpacks them (``*lora.bank``) and ``bank._replace(lora_a=..., lora_bt=...)`` swaps
+fields. All are already validated by ``lorakernels.ops`` (same device everywhere; dtypes as
+below).
 
 =================== ========================== ================================================
 ``x``               ``[M, K]`` float dtype      input rows; ``x.stride(1) == 1``
@@ -64,11 +64,10 @@ with ``y = base.float()`` (the layer's own ``conv2d`` output) at the start.
 Numerics: accumulate in fp32, the rank intermediate stays fp32, one rounding to ``x.dtype``
 at the end (float64 inputs are computed in float64).
 
-The split pair ``lora_shrink(x, bank, batch, meta)`` / ``lora_expand(y, t, bank, batch, meta)``
-(GPU backends) shares one intermediate layout: ``t`` is fp32
-``[M, meta.max_entries * meta.max_rank]``; the ``j``-th entry of a row's sample occupies
-columns ``j * max_rank : j * max_rank + rank``; columns past the slot's rank are never read.
-The strength and the scale are applied by ``lora_expand``.
+The split pair ``lora_shrink(x, lora)`` / ``lora_expand(y, t, lora)`` (GPU backends) shares
+one intermediate layout: ``t`` is fp32 ``[M, meta.max_entries * meta.max_rank]``; the ``j``-th
+entry of a row's sample occupies columns ``j * max_rank : j * max_rank + rank``; columns past
+the slot's rank are never read. The strength and the scale are applied by ``lora_expand``.
 
 ``unavailable_reason`` returns ``None`` when the backend can run on tensors of that device,
 else a sentence saying why not (an explicit request for that backend raises with it; only
@@ -84,7 +83,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["BankTensors", "BatchTensors", "ConvMeta", "LaunchMeta", "compute_dtype"]
+__all__ = ["BankTensors", "BatchTensors", "ConvMeta", "LaunchMeta", "LoRAArgs", "compute_dtype"]
 
 
 class BankTensors(NamedTuple):
@@ -146,6 +145,14 @@ class LaunchMeta:
     max_rows: int
     max_entries: int
     max_rank: int
+
+
+class LoRAArgs(NamedTuple):
+    """Everything a kernel needs besides the layer's own tensors: one object per call."""
+
+    bank: BankTensors
+    batch: BatchTensors
+    meta: LaunchMeta
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -39,7 +39,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from . import BankTensors, BatchTensors, LaunchMeta, compute_dtype
+from . import LoRAArgs, compute_dtype
 from .cpu_conv import multi_lora_conv2d
 
 __all__ = ["multi_lora_conv2d", "multi_lora_linear", "unavailable_reason"]
@@ -181,30 +181,14 @@ def _base_init(bias, m: int, n: int, ct, device) -> Tensor:
     return bias.to(ct).expand(m, n).clone()
 
 
-def multi_lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    bank: BankTensors,
-    batch: BatchTensors,
-    meta: LaunchMeta,
-) -> Tensor:
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs) -> Tensor:
     """``[M, K] -> [M, N]``; see :mod:`lorakernels.kernels` for the argument table."""
-    del meta  # the CPU plan reads exact values from the (host) tensors
+    bank, batch = lora.bank, lora.batch  # the plan reads exact values, not lora.meta
     ct = compute_dtype(x.dtype)
     xc = x.to(ct)
     w = weight.to(ct)
     b = bias.to(ct) if bias is not None else None
-    plan = _plan(
-        batch.row_ptr,
-        batch.entry_ptr,
-        batch.entry_slot,
-        batch.entry_weight,
-        bank.slot_start,
-        bank.slot_rank,
-        bank.slot_scale,
-        ct,
-    )
+    plan = _plan(*batch, bank.slot_start, bank.slot_rank, bank.slot_scale, ct)
     if plan.kind == "none":
         y = torch.addmm(b, xc, w.T) if b is not None else xc @ w.T
         return y.to(x.dtype)

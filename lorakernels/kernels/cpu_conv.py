@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import BankTensors, BatchTensors, ConvMeta, LaunchMeta, compute_dtype
+from . import BankTensors, BatchTensors, ConvMeta, LoRAArgs, compute_dtype
 
 _RUNS: OrderedDict[tuple, list[tuple[int, int, Tensor, Tensor]]] = OrderedDict()
 _RUNS_SIZE = 256  # one entry per (conv layer content, batch) in use; a few small tensors each
@@ -76,18 +76,11 @@ def _runs(bank: BankTensors, batch: BatchTensors, ct: torch.dtype):  # noqa: ANN
     return runs
 
 
-def multi_lora_conv2d(
-    x: Tensor,
-    base: Tensor,
-    bank: BankTensors,
-    batch: BatchTensors,
-    meta: LaunchMeta,
-    conv: ConvMeta,
-) -> Tensor:
+def multi_lora_conv2d(x: Tensor, base: Tensor, lora: LoRAArgs, conv: ConvMeta) -> Tensor:
     """``[N_img, C_in, H, W] -> base + LoRA terms``; see :mod:`lorakernels.kernels`."""
-    del meta  # the plan reads exact values from the (host) tensors
+    bank = lora.bank  # the plan reads exact values from the (host) tensors, not lora.meta
     ct = compute_dtype(x.dtype)
-    runs = _runs(bank, batch, ct)
+    runs = _runs(bank, lora.batch, ct)
     out = base.to(ct)  # ``base`` itself when it is already in ct: updated in place, no copy
     for r0, r1, index, coef in runs:
         filt = bank.lora_a.index_select(0, index).to(ct)

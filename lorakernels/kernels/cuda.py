@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import _native, _ops
-from . import BankTensors, BatchTensors, LaunchMeta
+from . import LoRAArgs
 
 __all__ = ["lora_expand", "lora_shrink", "multi_lora_linear", "unavailable_reason"]
 
@@ -240,18 +240,16 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _device_reason(index)
 
 
-def lora_shrink(x: Tensor, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta) -> Tensor:
+def lora_shrink(x: Tensor, lora: LoRAArgs) -> Tensor:
     """fp32 ``t [M, meta.max_entries * meta.max_rank]``: entry ``j`` of a row's sample in
     columns ``j * max_rank : j * max_rank + rank`` (zero elsewhere)."""
-    return _ops.sgmv_shrink(x, bank, batch, meta)
+    return _ops.sgmv_shrink(x, lora)
 
 
-def lora_expand(
-    y: Tensor, t: Tensor, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta
-) -> None:
+def lora_expand(y: Tensor, t: Tensor, lora: LoRAArgs) -> None:
     """``y += entry_weight * slot_scale * t_entry @ lora_bt_rows`` per sample, in place
     (``y`` in the bank dtype; the sum is formed in fp32 and rounded once into ``y``)."""
-    _ops.sgmv_expand_(y, t, bank, batch, meta)
+    _ops.sgmv_expand_(y, t, lora)
 
 
 def _base_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -269,18 +267,10 @@ def _base_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y
 
 
-def multi_lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    bank: BankTensors,
-    batch: BatchTensors,
-    meta: LaunchMeta,
-) -> Tensor:
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs) -> Tensor:
     """``y [M, N] = x @ weight.T + bias + sum of each sample's LoRA terms``, in ``x.dtype``."""
     _dtype_code(x, "x")
     base = _base_fp32(x, weight, bias)
-    if x.shape[0] == 0 or meta.max_entries == 0 or meta.max_rank == 0:
+    if x.shape[0] == 0 or lora.meta.max_entries == 0 or lora.meta.max_rank == 0:
         return base.to(x.dtype)
-    t = lora_shrink(x, bank, batch, meta)
-    return _ops.sgmv_expand(base, t, bank, batch, meta)
+    return _ops.sgmv_expand(base, lora_shrink(x, lora), lora)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import BankTensors, BatchTensors, ConvMeta, LaunchMeta, compute_dtype
+from . import BankTensors, BatchTensors, ConvMeta, LoRAArgs, compute_dtype
 
 
 def _entries(bank: BankTensors, batch: BatchTensors):  # noqa: ANN202 - a private generator
@@ -34,16 +34,9 @@ def _coef(bank: BankTensors, batch: BatchTensors, e: int, ct: torch.dtype) -> Te
     return batch.entry_weight[e].to(ct) * bank.slot_scale[slot].to(ct)
 
 
-def multi_lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    bank: BankTensors,
-    batch: BatchTensors,
-    meta: LaunchMeta,
-) -> Tensor:
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs) -> Tensor:
     """``[M, K] -> [M, N]``; see :mod:`lorakernels.kernels` for the argument table."""
-    del meta  # the reference needs no launch bounds
+    bank, batch = lora.bank, lora.batch  # the reference needs no launch bounds
     ct = compute_dtype(x.dtype)
     xc = x.to(ct)
     y = xc @ weight.to(ct).T
@@ -58,16 +51,9 @@ def multi_lora_linear(
     return out.to(x.dtype)
 
 
-def multi_lora_conv2d(
-    x: Tensor,
-    base: Tensor,
-    bank: BankTensors,
-    batch: BatchTensors,
-    meta: LaunchMeta,
-    conv: ConvMeta,
-) -> Tensor:
+def multi_lora_conv2d(x: Tensor, base: Tensor, lora: LoRAArgs, conv: ConvMeta) -> Tensor:
     """``[N_img, C_in, H, W] -> base + LoRA terms``; see :mod:`lorakernels.kernels`."""
-    del meta
+    bank, batch = lora.bank, lora.batch
     ct = compute_dtype(x.dtype)
     xc = x.to(ct)
     pieces = list(base.to(ct).split(torch.diff(batch.row_ptr).tolist()))

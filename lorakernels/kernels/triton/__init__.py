@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import BankTensors, BatchTensors, LaunchMeta
+from .. import LoRAArgs
 
 __all__ = ["lora_expand", "lora_shrink", "multi_lora_linear", "unavailable_reason"]
 
@@ -34,32 +34,24 @@ def unavailable_reason(device: torch.device) -> str | None:
     return reason(torch.device(device))
 
 
-def multi_lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    bank: BankTensors,
-    batch: BatchTensors,
-    meta: LaunchMeta,
-) -> Tensor:
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs) -> Tensor:
     """``y [M, N] = x @ weight.T + bias + sum of each sample's LoRA terms``, in ``x.dtype``."""
     from .launch import plan_multi_lora_linear
 
-    return plan_multi_lora_linear(x, weight, bias, *bank, *batch, meta)()
+    return plan_multi_lora_linear(x, weight, bias, *lora.bank, *lora.batch, lora.meta)()
 
 
-def lora_shrink(x: Tensor, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta) -> Tensor:
+def lora_shrink(x: Tensor, lora: LoRAArgs) -> Tensor:
     """fp32 ``t [M, meta.max_entries * meta.max_rank]``: entry ``j`` of a row's sample in
     columns ``j * max_rank : j * max_rank + rank`` (other columns are unspecified)."""
     from .launch import plan_lora_shrink
 
-    return plan_lora_shrink(x, bank.lora_a, bank.slot_start, bank.slot_rank, *batch[:3], meta)()
+    a, _, start, rank, _ = lora.bank
+    return plan_lora_shrink(x, a, start, rank, *lora.batch[:3], lora.meta)()
 
 
-def lora_expand(
-    y: Tensor, t: Tensor, bank: BankTensors, batch: BatchTensors, meta: LaunchMeta
-) -> None:
+def lora_expand(y: Tensor, t: Tensor, lora: LoRAArgs) -> None:
     """``y += entry_weight * slot_scale * t_entry @ lora_bt_rows`` per sample, in place."""
     from .launch import plan_lora_expand
 
-    plan_lora_expand(y, t, *bank[1:], *batch, meta)()
+    plan_lora_expand(y, t, *lora.bank[1:], *lora.batch, lora.meta)()
