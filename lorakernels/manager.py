@@ -181,15 +181,10 @@ class MultiLoRA:
         self._events: dict[str, Any] = {}  # CUDA events of background writes
         self.reallocations = 0
 
-        pred = _as_predicate(targets)
-        candidates = [
-            n
-            for n, m in model.named_modules()
-            if n and isinstance(m, nn.Linear | nn.Conv2d) and (targets is None or pred(n, m))
-        ]
+        candidates = self._candidates(model, targets)
         rows = None
         if resident_bytes is not None:
-            per_row = sum(self._row_bytes(model.get_submodule(n)) for n in candidates)
+            per_row = self.bytes_per_row(model, targets)
             if per_row == 0:
                 raise ValueError("resident_bytes: the model has no Linear/Conv2d layer to patch")
             rows = resident_bytes // per_row
@@ -217,9 +212,24 @@ class MultiLoRA:
                 self._patch(n)
 
     @staticmethod
-    def _row_bytes(mod: nn.Module) -> int:
-        w = mod.weight  # type: ignore[union-attr]
-        return (w[0].numel() + w.shape[0]) * w.element_size()
+    def _candidates(model: nn.Module, targets: Target | Sequence[Target] | None) -> list[str]:
+        pred = _as_predicate(targets)
+        return [
+            n
+            for n, m in model.named_modules()
+            if n and isinstance(m, nn.Linear | nn.Conv2d) and pred(n, m)
+        ]
+
+    @staticmethod
+    def bytes_per_row(model: nn.Module, targets: Target | Sequence[Target] | None = None) -> int:
+        """``Σ (K + N) × itemsize`` over the layers ``targets`` selects (every Linear/Conv2d
+        for ``None``): the bytes one rank row costs across them, the unit of
+        ``resident_bytes``."""
+        total = 0
+        for n in MultiLoRA._candidates(model, targets):
+            w = model.get_submodule(n).weight
+            total += (w[0].numel() + w.shape[0]) * w.element_size()
+        return total
 
     def _largest_known_rank(self) -> tuple[str, int] | None:
         """The library adapter with the largest rank its header shows (no tensor read)."""
