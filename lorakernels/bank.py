@@ -15,11 +15,11 @@ Storage (the choice DESIGN.md records): each slot's ``r`` rank rows are **contig
 (the kernels read rows ``start .. start + r``), allocated first-fit from a free list inside
 buffers of fixed capacity. Rows are allocated one by one, so there is no page slack: the rows
 in use are exactly ``Σ real ranks`` and the bytes in use exactly
-``Σ r × (K + N) × itemsize`` (:attr:`used_bytes`). Removing an adapter frees its rows without
-moving anything (safe while other callers' forwards read the other slots); when no free run
-is long enough although enough rows are free, :meth:`add` compacts (moves the live rows to
-the front, in place) if allowed. Neither ever reallocates, so tensor pointers stay valid for
-captured CUDA graphs and ``torch.compile`` never recompiles.
+``Σ r × (K + N) × itemsize`` (:attr:`used_bytes`). Removing an adapter frees (and zeroes)
+its rows without moving anything (safe while other callers' forwards read the other slots);
+when no free run is long enough although enough rows are free, :meth:`add` compacts (moves
+the live rows to the front, in place) if allowed. Neither ever reallocates, so tensor
+pointers stay valid for captured CUDA graphs and ``torch.compile`` never recompiles.
 
 Growth: a bank built with ``growable=True`` (the default, for managers without a budget)
 doubles its buffers when full, which reallocates (invalidates captured CUDA graphs);
@@ -236,6 +236,8 @@ class LoRABank(nn.Module):
                 self.slot_start[slot] = at
                 self._slots[slot] = (at, r, scale)
             at += r
+        self.lora_a[at:].zero_()
+        self.lora_bt[at:].zero_()
         self._free = [(at, self.capacity_rows - at)] if at < self.capacity_rows else []
         self.version += 1
 
@@ -342,6 +344,10 @@ class LoRABank(nn.Module):
         self.slot_rank[slot] = 0
         self.slot_scale[slot] = 0.0
         self.slot_start[slot] = 0
+        # free rows are kept zero, so a bank's bytes depend only on its live adapters (a
+        # rolled-back load leaves the buffers bit-identical)
+        self.lora_a[start : start + r].zero_()
+        self.lora_bt[start : start + r].zero_()
         self._release(start, r)
         self._used -= r
         self._max_rank = max((rk for _, rk, _ in self._slots.values()), default=0)

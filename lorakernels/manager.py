@@ -263,7 +263,7 @@ class MultiLoRA:
         new.lora_bank = LoRABank(
             new.lora_bank.in_features, new.lora_bank.out_features, dtype=w.dtype,
             device=w.device, rows=self._prealloc_rows,
-            slots=self._slot_cap if self._slot_cap is not None else self._next_slot,
+            slots=self._slot_cap if self._slot_cap is not None else max(8, self._next_slot),
             growable=not bounded,
         )  # fmt: skip
         for slot in self.slots.values():

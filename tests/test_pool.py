@@ -209,7 +209,10 @@ def test_corrupt_and_vanished_files_fail_alone(tmp_path):
     mgr = MultiLoRA(model, targets=["*attn.*"], library=lib, max_resident_adapters=2)
     with mgr.use([{"lora_000": 1.0}, {"lora_001": 0.5}]):
         pass
-    before = (mgr.stats()["resident"], {n: ly.lora_bank.lora_a.clone() for n, ly in mgr.layers.items()})
+    before = (
+        mgr.stats()["resident"],
+        {n: ly.lora_bank.lora_a.clone() for n, ly in mgr.layers.items()},
+    )
     with pytest.raises(LoRAFormatError, match="lora_002.safetensors"):
         with mgr.use([{"lora_002": 1.0}]):
             pass
