@@ -7,6 +7,7 @@ diffusers, peft and the native library are imported lazily when used.
 
 from __future__ import annotations
 
+from .adapters import AdapterLibrary
 from .bank import LoRABank
 from .batch import LoRABatch
 from .manager import MultiLoRA
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "AdapterLibrary",
     "LoRABank",
     "LoRABatch",
     "LoRAContext",

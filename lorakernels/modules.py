@@ -16,6 +16,9 @@ not fused. Padding modes other than zeros pad the input once for both.
 
 from __future__ import annotations
 
+import contextvars
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,12 +28,79 @@ from .batch import LoRABatch
 from .ops import multi_lora_conv2d, multi_lora_linear
 
 
+class _Conflict:
+    """What a compiled graph reads while several callers are inside ``use()`` at once."""
+
+    def __getattr__(self, name: str):
+        raise RuntimeError(
+            "several threads or asyncio tasks are inside use() of one model while it runs "
+            "under torch.compile; a compiled graph reads one model-wide batch, so enter use() "
+            "from one caller at a time there (eager mode keeps each caller's batch apart)"
+        )
+
+
 class LoRAContext:
-    """State shared by every patched layer of one model: the active batch and backend."""
+    """State shared by every patched layer of one model: the active batch and backend.
+
+    ``batch`` belongs to its caller: it lives in a :class:`contextvars.ContextVar`, so each
+    thread and each asyncio task sees the batch it set (a new thread starts with none, a new
+    task with its creator's). :meth:`enter`/:meth:`exit` (what ``MultiLoRA.use`` calls) also
+    track how many callers are inside; code traced by ``torch.compile`` cannot read a
+    ``ContextVar`` and reads the one model-wide batch instead, which raises while two callers
+    are inside at once (eager mode needs no such restriction).
+    """
 
     def __init__(self, backend: str | None = None) -> None:
-        self.batch: LoRABatch | None = None
         self.backend = backend
+        self._var: contextvars.ContextVar[LoRABatch | None] = contextvars.ContextVar(
+            f"lorakernels_batch_{id(self)}", default=None
+        )
+        self._lock = threading.Lock()
+        self._inside: dict[int, LoRABatch] = {}  # entry id -> batch, for the compiled view
+        self._shared: LoRABatch | _Conflict | None = None
+        self._entries = 0
+
+    @property
+    def batch(self) -> LoRABatch | None:
+        """The calling thread's/task's active batch (``None``: the base model)."""
+        if torch.compiler.is_compiling():
+            return self._shared  # type: ignore[return-value]
+        return self._var.get()
+
+    @batch.setter
+    def batch(self, value: LoRABatch | None) -> None:
+        self._var.set(value)
+        with self._lock:
+            if not self._inside:
+                self._shared = value
+
+    def enter(self, batch: LoRABatch) -> tuple[int, contextvars.Token]:
+        """Make ``batch`` the caller's active batch; returns what :meth:`exit` needs."""
+        token = self._var.set(batch)
+        with self._lock:
+            self._entries += 1
+            key = self._entries
+            self._inside[key] = batch
+            self._shared = batch if len(self._inside) == 1 else _Conflict()
+        return key, token
+
+    def exit(self, handle: tuple[int, contextvars.Token]) -> None:
+        """Undo :meth:`enter` (restores the caller's previous batch)."""
+        key, token = handle
+        self._var.reset(token)
+        with self._lock:
+            self._inside.pop(key, None)
+            if len(self._inside) == 1:
+                self._shared = next(iter(self._inside.values()))
+            elif not self._inside:
+                self._shared = self._var.get()
+            else:
+                self._shared = _Conflict()
+
+    @property
+    def callers(self) -> int:
+        """How many ``use()`` blocks (any thread or task) are open on this model."""
+        return len(self._inside)
 
 
 def _active(ctx: LoRAContext | None, bank: LoRABank) -> LoRABatch | None:
@@ -77,8 +147,7 @@ class MultiLoRALinear(nn.Linear):
         cache = self.output_cache
         if cache is not None and not torch.compiler.is_compiling():
             # everything the output depends on: the input, the batch, the bank's contents
-            # (loads and unloads write its tensors in place, growth replaces them) and the
-            # layer's own parameters
+            # (loads and unloads write its tensors in place) and the layer's own parameters
             bank = self.lora_bank
             held = (x, batch, bank.lora_a, bank.slot_rank, self.weight, self.bias)
             key = (
@@ -89,12 +158,13 @@ class MultiLoRALinear(nn.Linear):
                 self.weight._version,
                 None if self.bias is None else self.bias._version,
             )
-            old = cache.get("held", ())
-            if len(old) == len(held) and all(a is b for a, b in zip(old, held, strict=True)):
-                if cache["key"] == key:
-                    return cache["y"]
+            # one tuple swapped atomically: callers in other threads update the same cache
+            hit = cache.get("entry")
+            if hit is not None and hit[2] == key:
+                if all(a is b for a, b in zip(hit[0], held, strict=True)):
+                    return hit[1]
             y = self._compute(x, batch)
-            cache.update(held=held, key=key, y=y)
+            cache["entry"] = (held, y, key)
             return y
         return self._compute(x, batch)
 

@@ -26,6 +26,7 @@ from .errors import LoRAFormatError, LoRAFormatWarning, UnsupportedLoRAAlgorithm
 from .reader import read_lora_file
 from .records import LoRAFile, LoRALayer, LoRALayerWeights
 from .resolve import load_lora, resolve_modules
+from .tensor_io import read_header
 
 __all__ = [
     "LoRAFile",
@@ -35,6 +36,7 @@ __all__ = [
     "LoRALayerWeights",
     "UnsupportedLoRAAlgorithm",
     "load_lora",
+    "read_header",
     "read_lora_file",
     "resolve_modules",
 ]

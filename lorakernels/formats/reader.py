@@ -8,6 +8,8 @@ Policy (strict by default; nothing is ever dropped silently):
   same modules (a DoRA module's LoRA factors alone would give wrong outputs);
 - keys in no supported spelling raise :class:`LoRAFormatError` the same way (``strict=False``:
   warned and skipped, with the rest of their module when the module is known);
+- factors holding NaN or inf raise naming the file, the layer's keys and how many values
+  (``strict=False``: warned and the layer skipped);
 - malformed modules (missing down or up, rank mismatch, bad alpha, two keys for one factor)
   and files that end up with no LoRA module raise in either mode.
 """
@@ -19,6 +21,7 @@ import re
 import warnings
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from .assemble import assemble_layer
@@ -82,6 +85,8 @@ def read_lora_file(path: str | os.PathLike[str], *, strict: bool = True) -> LoRA
     for (component, naming, module), parts in groups.items():
         if (component, naming, module) in tainted:
             continue
+        if not _finite(parts, where, strict):
+            continue
         config = configs.get(component, configs.get(None)) if naming == "dotted" else None
         alpha = config.alpha_for(module) if config is not None else None
         weights = assemble_layer(parts, _stem(next(iter(parts.values()))[0]), where, alpha)
@@ -106,6 +111,24 @@ def read_lora_file(path: str | os.PathLike[str], *, strict: bool = True) -> LoRA
         layers=tuple(layers),
         skipped=tuple(skipped),
     )
+
+
+def _finite(parts: dict[str, tuple[str, Tensor]], where: str, strict: bool) -> bool:
+    """False (after a warning) or raise when a module's factors hold NaN or inf values."""
+    bad = {
+        key: int(t.numel() - torch.isfinite(t).sum())
+        for part, (key, t) in parts.items()
+        if part != "alpha" and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    }
+    if not bad:
+        return True
+    count = sum(bad.values())
+    keys = ", ".join(f"{k!r} ({n})" for k, n in bad.items())
+    message = f"{where}: LoRA layer {keys} holds {count} NaN/inf value(s)"
+    if strict:
+        raise LoRAFormatError(message + " (strict=False skips the layer with a warning)")
+    warnings.warn(message + "; layer skipped", LoRAFormatWarning, stacklevel=4)
+    return False
 
 
 def _refuse_or_skip(

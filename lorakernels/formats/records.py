@@ -117,11 +117,6 @@ class LoRAFile:
     skipped: tuple[str, ...] = field(default=())
 
     @property
-    def components(self) -> tuple[str, ...]:
-        """The components the file adapts, in first-seen order."""
-        return tuple(dict.fromkeys(layer.component for layer in self.layers))
-
-    @property
     def num_params(self) -> int:
         """Number of LoRA parameters (down and up elements) in :attr:`layers`."""
         return sum(lay.weights.down.numel() + lay.weights.up.numel() for lay in self.layers)

@@ -65,6 +65,41 @@ def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[
     return _read_pickle(p), {}
 
 
+def read_header(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]] | None:
+    """Read only a safetensors file's header: ``(metadata, {key: (dtype, shape)})``.
+
+    Reads the 8-byte length and the JSON header, never the tensor data (a folder of
+    thousands of files scans in milliseconds per file). Returns ``None`` for torch pickles,
+    whose keys cannot be known without unpickling the whole file.
+
+    Raises:
+        LoRAFormatError: missing, empty, garbage or truncated file (the header's sizes are
+            checked against the file size), naming the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise LoRAFormatError(f"{p}: no such LoRA file")
+    size = p.stat().st_size
+    if size == 0:
+        raise LoRAFormatError(f"{p}: the file is empty (0 bytes)")
+    suffix = p.suffix.lower()
+    if not (
+        suffix in SAFETENSORS_SUFFIXES or (suffix not in PICKLE_SUFFIXES and _looks_safetensors(p))
+    ):
+        return None
+    header = _read_header(p, size)
+    raw_meta = header.get("__metadata__") or {}
+    metadata = {str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, dict) else {}
+    entries = {
+        k: (str(v["dtype"]), tuple(int(d) for d in v["shape"]))  # type: ignore[index]
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+    return metadata, entries
+
+
 def _looks_safetensors(p: Path) -> bool:
     with p.open("rb") as fh:
         head = fh.read(9)

@@ -5,8 +5,8 @@ encoders (or a bare ``UNet2DConditionModel``) with one :class:`~lorakernels.Mult
 component, loads LoRA files through :mod:`lorakernels.formats`, and runs a pipeline where
 every prompt carries its own ``<lora:name:weight>`` tags::
 
-    lora = lorakernels.diffusers.patch(pipe)
-    lora.load_dir("loras/")                        # registered by file stem and ss_output_name
+    lora = lorakernels.diffusers.patch(pipe, max_resident_adapters=32)
+    lora.load_dir("loras/")      # headers only: registered by file stem and ss_output_name
     images = lorakernels.diffusers.generate(
         pipe, ["<lora:ink:0.8> a cat", "<lora:cyber:1> <lora:tarot:0.5> a city", "a dog"],
         num_images_per_prompt=2, guidance_scale=7.5,
@@ -36,13 +36,13 @@ from typing import Any, Literal
 
 from torch import nn
 
+from ..adapters import AdapterLibrary
 from ..batch import LoRABatch
-from ..formats import load_lora, read_lora_file
+from ..formats import read_header
 from ..manager import MultiLoRA
 from ..prompt import parse_prompts
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-LORA_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
 
 # Target sets by name: glob patterns on module paths, per component.
 _UNET_ATTN2 = ["*attn2.to_q", "*attn2.to_k", "*attn2.to_v", "*attn2.to_out.0"]
@@ -84,107 +84,187 @@ class DiffusersLoRA:
         targets: ``"cross_attention"`` (attn2 q/k/v/out), ``"attention"`` (attn1 + attn2),
             ``"transformer"`` (kohya's default set), or ``None`` (default): patch exactly the
             layers the loaded files touch.
+        library: the :class:`~lorakernels.AdapterLibrary` names come from (a private one by
+            default); every component's manager shares it, so a file is read once.
+        max_resident_adapters: at most this many adapters resident per component.
+        resident_bytes: bank storage over all components, preallocated; every patched layer
+            of every component gets the same number of rank rows (see
+            :class:`~lorakernels.MultiLoRA`).
         backend: kernel backend for every patched layer (``None``: automatic).
+
+    Adapters are loaded on first use by every entry point (:meth:`use`, :meth:`generate`,
+    :meth:`encode`) and evicted least recently used first when a budget is set. Unknown names
+    raise ``KeyError``; an adapter is left out of a component's batch only when it is known
+    to have no weights there (a UNet-only file in the text encoder).
+
+    Thread safety: as :class:`~lorakernels.MultiLoRA`: concurrent :meth:`generate` calls from
+    several threads or asyncio tasks each see their own adapters.
     """
 
     def __init__(
-        self, pipe: Any, targets: TargetName | None = None, *, backend: str | None = None
+        self,
+        pipe: Any,
+        targets: TargetName | None = None,
+        *,
+        library: AdapterLibrary | None = None,
+        max_resident_adapters: int | None = None,
+        resident_bytes: int | None = None,
+        backend: str | None = None,
     ) -> None:
         if targets is not None and targets not in TARGETS:
             raise ValueError(f"targets must be one of {sorted(TARGETS)} or None, got {targets!r}")
         self.pipe = pipe
         self.components = _components(pipe)
+        self.library = library if library is not None else AdapterLibrary()
+        pats = {
+            comp: None
+            if targets is None
+            else TARGETS[targets]["unet" if comp == "unet" else "text_encoder"]
+            for comp in self.components
+        }
+        shares: dict[str, int | None] = dict.fromkeys(self.components)
+        if resident_bytes is not None:
+            per_row = {c: MultiLoRA.bytes_per_row(m, pats[c]) for c, m in self.components.items()}
+            rows = resident_bytes // max(1, sum(per_row.values()))
+            if rows < 1:
+                raise ValueError(
+                    f"resident_bytes={resident_bytes} is smaller than one adapter: a rank-1 "
+                    f"adapter over every patchable layer takes {sum(per_row.values())} bytes"
+                )
+            shares = {c: rows * per_row[c] for c in self.components}
         self.managers: dict[str, MultiLoRA] = {}
         for comp, module in self.components.items():
-            pats = None
-            if targets is not None:
-                key = "unet" if comp == "unet" else "text_encoder"
-                pats = TARGETS[targets][key]
-            self.managers[comp] = MultiLoRA(module, targets=pats, backend=backend)
-        self.registry: dict[str, Path] = {}  # canonical name -> file, loaded or not
-        self.spellings: dict[str, str] = {}  # every accepted spelling -> canonical name
-        self.loaded: list[str] = []
+            mgr = MultiLoRA(
+                module, targets=pats[comp], library=self.library, backend=backend,
+                max_resident_adapters=max_resident_adapters, resident_bytes=shares[comp],
+                component=comp,
+            )  # fmt: skip
+            mgr.drop_empty = True
+            self.managers[comp] = mgr
+
+    # ------------------------------------------------------------------ names
+    @property
+    def spellings(self) -> dict[str, str]:
+        """Every accepted spelling (stem, ``ss_output_name``, alias) → canonical name."""
+        return self.library.spellings()
+
+    @property
+    def registry(self) -> dict[str, str | None]:
+        """Canonical name → file (``None`` for in-memory adapters)."""
+        return {n: self.library.info(n).path for n in self.library.names()}
+
+    @property
+    def loaded(self) -> list[str]:
+        """Adapters resident in at least one component."""
+        return sorted({n for mgr in self.managers.values() for n in mgr.slots})
 
     # ------------------------------------------------------------------ files
-    def _module_names(self) -> dict[str, list[str]]:
-        return {c: [n for n, _ in m.named_modules() if n] for c, m in self.components.items()}
-
     def load(self, path: str | Path, name: str | None = None, *, strict: bool = True) -> str:
-        """Load a LoRA file under ``name`` (default: its file stem); returns the name.
+        """Register a LoRA file under ``name`` (default: its file stem) and make it resident
+        now in every component it has weights for; returns the name.
 
-        All-or-nothing across components: if any component rejects it, none keeps it.
+        All-or-nothing across components: if any component rejects it, none keeps it and the
+        library forgets it.
         """
         path = Path(path)
-        info, layers = load_lora(path, self._module_names(), strict=strict)
-        name = name or info.name
+        name = name or path.stem
         if name in self.loaded:
             raise ValueError(f"adapter {name!r} is already loaded (from {self.registry[name]})")
-        extra = sorted(set(layers) - set(self.managers))
-        if extra and strict:
-            raise KeyError(f"{path}: has weights for {extra}, which this pipeline lacks")
+        added = name not in self.library
+        if added:
+            self.library.add(name, path, self._free_aliases(path, name), strict=strict)
+        elif self.library.info(name).path != str(path):
+            raise ValueError(
+                f"adapter name {name!r} is taken by {self.library.info(name).path or 'in memory'}"
+            )
         done: list[str] = []
         try:
-            for comp, weights in layers.items():
-                if comp in self.managers and weights:
-                    self.managers[comp].load(name, weights, strict=strict)
+            lora, _ = self.library.get(name)
+            extra = sorted({lay.component for lay in lora.layers} - set(self.managers))
+            if extra and strict:
+                raise KeyError(f"{path}: has weights for {extra}, which this pipeline lacks")
+            for comp, mgr in self.managers.items():
+                if mgr.load_from_library(name, strict=strict):
                     done.append(comp)
+            if not done:
+                raise ValueError(f"{path}: no layer of this pipeline takes its weights")
         except BaseException:
             for comp in done:
                 self.managers[comp].unload(name)
+            if added:
+                self.library.remove(name)
             raise
-        if not done:
-            raise ValueError(f"{path}: no layer of this pipeline takes its weights")
-        self._register(name, path, info.aliases)
-        self.loaded.append(name)
         return name
 
-    def _register(self, name: str, path: Path, aliases: Sequence[str] = ()) -> None:
-        self.registry[name] = path
-        for spelling in (name, *aliases):
-            self.spellings.setdefault(spelling, name)
+    def _free_aliases(self, path: Path, name: str) -> tuple[str, ...]:
+        """The file's stem and ``ss_output_name`` where no other adapter spells so."""
+        head = read_header(path)
+        output = (head[0].get("ss_output_name", "").strip() if head is not None else "") or None
+        taken = self.library.spellings()
+        return tuple(
+            a for a in dict.fromkeys((path.stem, output)) if a and a != name and a not in taken
+        )
 
     def load_dir(self, folder: str | Path, *, lazy: bool = True) -> list[str]:
-        """Register every LoRA file in ``folder`` by stem and ``ss_output_name`` alias.
+        """Register every LoRA file in ``folder`` by stem and ``ss_output_name`` alias through
+        :attr:`library` (headers only); ``lazy=False`` also makes each resident now.
 
-        ``lazy=True`` reads only headers now and loads a file the first time a prompt uses it.
+        Lazy: a broken file is found, and named, the first time a prompt uses it.
         """
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise NotADirectoryError(f"load_dir: {folder} is not a directory")
-        names = []
-        for path in sorted(folder.iterdir()):
-            if path.suffix.lower() not in LORA_SUFFIXES or not path.is_file():
-                continue
-            if lazy:
-                info = read_lora_file(path, strict=False)
-                self._register(info.name, path, info.aliases)
-                names.append(info.name)
-            else:
-                names.append(self.load(path))
+        names = self.library.add_dir(folder)
+        if not lazy:
+            self.ensure_loaded(names)
         return names
 
     def unload(self, name: str) -> None:
-        """Remove adapter ``name`` from every component (it stays registered by file)."""
-        if name not in self.loaded:
+        """Evict adapter ``name`` from every component (it stays in the library)."""
+        canon = self.library.resolve(name)
+        if canon not in self.loaded:
             raise KeyError(f"adapter {name!r} is not loaded; loaded: {self.loaded}")
         for mgr in self.managers.values():
-            if name in mgr.slots:
-                mgr.unload(name)
-        self.loaded.remove(name)
+            if canon in mgr.slots:
+                mgr.unload(canon)
 
     def ensure_loaded(self, names: Sequence[str]) -> None:
+        """Make ``names`` resident in every component they have weights for (``KeyError``
+        for unknown names)."""
         for name in names:
-            if name not in self.loaded:
-                if name not in self.registry:
-                    raise KeyError(f"unknown adapter {name!r}; known: {sorted(self.registry)}")
-                self.load(self.registry[name], name)
+            canon = self.library.resolve(name)
+            for mgr in self.managers.values():
+                mgr.load_from_library(canon)
+
+    # ------------------------------------------------------------------ residency
+    def prefetch(self, names: Sequence[str]) -> list[Any]:
+        """Load ``names`` in the background in every component (see
+        :meth:`lorakernels.MultiLoRA.prefetch`); returns one future per component."""
+        return [mgr.prefetch(names) for mgr in self.managers.values()]
+
+    def pin(self, name: str) -> None:
+        """Load ``name`` where it has weights and keep it resident until :meth:`unpin`."""
+        for mgr in self.managers.values():
+            mgr.pin(name)
+
+    def unpin(self, name: str) -> None:
+        """Let ``name`` be evicted again."""
+        for mgr in self.managers.values():
+            mgr.unpin(name)
+
+    def stats(self) -> dict[str, Any]:
+        """Totals over the components (``resident``: names resident in any, ``resident_bytes``,
+        ``hits``, ``misses``, ``evictions``, ``prefetched``), plus ``components``: each
+        manager's own :meth:`~lorakernels.MultiLoRA.stats`, and ``library``."""
+        per = {comp: mgr.stats() for comp, mgr in self.managers.items()}
+        out: dict[str, Any] = {
+            "resident": sorted({n for st in per.values() for n in st["resident"]}),
+        }
+        for key in ("resident_bytes", "capacity_bytes", "hits", "misses", "evictions",
+                    "prefetched"):  # fmt: skip
+            out[key] = sum(st[key] for st in per.values())
+        out["components"] = per
+        out["library"] = self.library.stats()
+        return out
 
     # ------------------------------------------------------------------ batches
-    def _mixtures_for(self, comp: str, mixtures: Sequence[dict[str, float]]) -> list[dict]:
-        """Drop adapters that have no weights in this component (e.g. UNet-only files)."""
-        slots = self.managers[comp].slots
-        return [{k: v for k, v in mix.items() if k in slots} for mix in mixtures]
-
     @contextmanager
     def use(
         self,
@@ -192,17 +272,15 @@ class DiffusersLoRA:
         text_encoder: Sequence[dict[str, float]] | None = None,
     ):
         """Activate UNet mixtures (one per UNet sample, or a ready batch) and text-encoder
-        mixtures (one per prompt) inside the block."""
+        mixtures (one per prompt) inside the block, for the calling thread or task. Adapters
+        are loaded on first use; unknown names raise ``KeyError``."""
         with ExitStack() as stack:
             if unet is not None:
-                if not isinstance(unet, LoRABatch):
-                    unet = self._mixtures_for("unet", unet)
                 stack.enter_context(self.managers["unet"].use(unet))
             if text_encoder is not None:
                 for comp in ("text_encoder", "text_encoder_2"):
                     if comp in self.managers:
-                        mixes = self._mixtures_for(comp, text_encoder)
-                        stack.enter_context(self.managers[comp].use(mixes))
+                        stack.enter_context(self.managers[comp].use(text_encoder))
             yield self
 
     @contextmanager
@@ -253,7 +331,6 @@ class DiffusersLoRA:
                 f"{dyn}",
                 stacklevel=2,
             )
-        self.ensure_loaded(sorted({n for p in parsed for n in (*p.unet, *p.text_encoder)}))
         te_mixes = [p.text_encoder for p in parsed]
         unet_mixes = [p.unet for p in parsed]
         texts = [p.text for p in parsed]
@@ -262,16 +339,8 @@ class DiffusersLoRA:
             guidance_scale > 1.0
             and getattr(getattr(pipe.unet, "config", None), "time_cond_proj_dim", None) is None
         )
-        mgr = self.managers["unet"]
-        base = LoRABatch.from_mixtures(
-            self._mixtures_for("unet", unet_mixes), mgr.slots, device=mgr._device()
-        )
-        unet_batch = base.expand(
-            images_per_prompt=num_images_per_prompt,
-            guidance=do_cfg,
-            uncond_mixtures="same" if uncond_lora else "empty",
-        )
-        embeds = self._encode(texts, negative_prompt, te_mixes, do_cfg)
+        unet_batch = _expand(unet_mixes, num_images_per_prompt, do_cfg, uncond_lora)
+        embeds = self.encode(texts, negative_prompt, te_mixes, do_cfg)
         with ExitStack() as stack:
             stack.enter_context(self.use(unet=unet_batch))
             if cache_cross_attention:
@@ -283,8 +352,20 @@ class DiffusersLoRA:
                 **pipe_kwargs,
             )
 
-    def _encode(self, texts, negative_prompt, te_mixes, do_cfg) -> dict[str, Any]:
-        """Prompt embeddings with per-prompt text-encoder LoRAs (one row per prompt)."""
+    def encode(
+        self,
+        texts: Sequence[str],
+        negative_prompt: str | Sequence[str] | None,
+        te_mixtures: Sequence[dict[str, float]],
+        do_cfg: bool,
+    ) -> dict[str, Any]:
+        """Prompt embeddings with per-prompt text-encoder LoRAs (one row per prompt).
+
+        ``texts`` are prompts with their tags removed, ``te_mixtures`` one ``{adapter:
+        strength}`` per prompt (applied to its negative prompt too); returns the keyword
+        arguments diffusers' pipeline takes (``prompt_embeds``, ``negative_prompt_embeds``,
+        and the pooled ones for SDXL)."""
+        te_mixes = te_mixtures
         pipe = self.pipe
         if not hasattr(pipe, "encode_prompt"):
             raise TypeError(
@@ -310,14 +391,41 @@ class DiffusersLoRA:
             out["negative_prompt_embeds"] = neg
         return out
 
+    _encode = encode
 
-def patch(pipe: Any, targets: TargetName | None = None, *, backend: str | None = None):
+
+def _expand(
+    mixtures: Sequence[dict[str, float]], images_per_prompt: int, guidance: bool, uncond: bool
+) -> list[dict[str, float]]:
+    """Per-prompt mixtures → the UNet batch's, in diffusers' order (as
+    :meth:`lorakernels.LoRABatch.expand`): each prompt's images consecutively, the
+    unconditional half first (``uncond=False``: the base model there)."""
+    if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be an int >= 1, got {images_per_prompt!r}")
+    cond = [dict(m) for m in mixtures for _ in range(images_per_prompt)]
+    if not guidance:
+        return cond
+    return ([dict(m) for m in cond] if uncond else [{} for _ in cond]) + cond
+
+
+def patch(
+    pipe: Any,
+    targets: TargetName | None = None,
+    *,
+    library: AdapterLibrary | None = None,
+    max_resident_adapters: int | None = None,
+    resident_bytes: int | None = None,
+    backend: str | None = None,
+) -> DiffusersLoRA:
     """Patch ``pipe`` (or a UNet) for multi-LoRA serving; the handle is kept on the pipeline
     so :func:`generate` finds it. Patching twice returns the existing handle."""
     existing = getattr(pipe, "_lorakernels", None)
     if isinstance(existing, DiffusersLoRA):
         return existing
-    handle = DiffusersLoRA(pipe, targets, backend=backend)
+    handle = DiffusersLoRA(
+        pipe, targets, library=library, max_resident_adapters=max_resident_adapters,
+        resident_bytes=resident_bytes, backend=backend,
+    )  # fmt: skip
     try:
         pipe._lorakernels = handle
     except (AttributeError, TypeError):
