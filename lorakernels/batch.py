@@ -278,6 +278,18 @@ class LoRABatch:
             )
         self._write(canon, _known(slots))
 
+    def bind_slots(self, known: Collection[int]) -> LoRABatch:
+        """Declare which slot ids hold an adapter (a manager's name -> slot table values) for
+        a batch built from bare slot ids: raises ``KeyError`` naming the used slots outside
+        ``known``, else remembers them as :attr:`known_slots` (a known slot may have rank 0
+        in a layer). Returns ``self``."""
+        known = frozenset(known)
+        unknown = sorted(self.used_slots - known)
+        if unknown:
+            raise KeyError(f"batch uses slot ids {unknown} that hold no loaded adapter")
+        self.known_slots = known
+        return self
+
     def freeze(self) -> LoRABatch:
         """Fix the capacities: from now on :meth:`fill_` raises instead of growing
         :attr:`max_entries`, and kernels are launched with the capacities (not the current

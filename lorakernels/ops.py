@@ -116,7 +116,9 @@ def resolve_backend(
     return name
 
 
-def _resolve(device: torch.device, dtype: torch.dtype | None, explicit: str | None, source: str):  # noqa: ANN202
+def _resolve(
+    device: torch.device, dtype: torch.dtype | None, explicit: str | None, source: str
+) -> str:
     if explicit is not None:
         _check_name(explicit, source)
         reason = unavailable_reason(explicit, device)
@@ -144,7 +146,9 @@ def bank_tensors(bank: LoRABank) -> BankTensors:
     return BankTensors(bank.lora_a, bank.lora_bt, bank.slot_start, bank.slot_rank, bank.slot_scale)
 
 
-def _run_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs, backend: str):  # noqa: ANN202
+def _run_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs, backend: str
+) -> Tensor:
     """The custom op's kernel: the backend named by the op's ``backend`` argument."""
     return backend_module(backend).multi_lora_linear(x, weight, bias, lora)
 

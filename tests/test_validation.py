@@ -71,6 +71,14 @@ def test_manager_adapter_without_weights_in_a_layer_is_rank_zero_there():
         model(x)  # each adapter is absent from one layer: no error
     with pytest.raises(KeyError, match="slot 7"), mlora.use([{7: 1.0}, {}]):
         pass
+    # a batch of bare slot ids: legal in every layer once bound to the manager's table
+    bare = lk.LoRABatch.from_mixtures([{mlora.slots["a"]: 1.0}, {}])
+    with pytest.raises(ValueError, match="holds no adapter"), mlora.use(bare):
+        model(x)
+    with mlora.use(bare.bind_slots(mlora.slots.values())):
+        model(x)
+    with pytest.raises(KeyError, match=r"\[7\]"):
+        lk.LoRABatch.from_mixtures([{7: 1.0}]).bind_slots(mlora.slots.values())
 
 
 # ---------------------------------------------------------------------- devices (issue 9.1)
