@@ -24,6 +24,7 @@ it. ``python tests/test_triton_aot.py`` prints the table of registers/spills/sha
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import multiprocessing
 import os
 import re
@@ -341,6 +342,68 @@ else:
         assert pair
         missing = [r for r in pair if not r.sass_mma]
         assert not missing, format_table(missing)
+
+    def _sweep_keys() -> set:
+        """Specialization keys of real launch plans over what the dispatcher can meet: SD1.5,
+        SD2 and SDXL widths and odd ones, bias on/off, 77-token text rows and image rows,
+        summed-rank capacities 1..384, contiguous, padded and misaligned x, fp32 with and
+        without TF32, for both GPU generations (meta tensors: nothing is compiled)."""
+        from lorakernels.kernels.triton import launch
+
+        widths = [(320, 320), (320, 1280), (640, 640), (768, 320), (1024, 640), (2048, 1280),
+                  (1280, 10240), (5120, 1280), (77, 328), (33, 127), (328, 77)]  # fmt: skip
+        caps = [(1, 1), (1, 16), (1, 32), (4, 32), (3, 64), (2, 37), (1, 128), (3, 128)]
+        keys = set()
+        for arch, dtype, tf32 in itertools.product(dispatch.ARCHS, _TORCH_DTYPES, (False, True)):
+            if tf32 and dtype != "float32":
+                continue
+            td = _TORCH_DTYPES[dtype]
+            for (k, n), bias, rows, (entries, rank), layout in itertools.product(
+                widths, (True, False), (77, 4096), caps, ("contiguous", "padded", "offset")
+            ):
+                m = 2 * rows
+
+                def t(*shape, dt=td):
+                    return torch.empty(shape, dtype=dt, device="meta")
+
+                if layout == "padded":
+                    x = t(m, k + 3)[:, :k]
+                elif layout == "offset":
+                    x = t(m * k + 1)[1:].view(m, k)
+                else:
+                    x = t(m, k)
+                i32 = torch.int32
+                meta = LaunchMeta(rows, entries, rank)
+                w = t(n, k)
+                saved = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                try:
+                    plan = launch.choose_plan(x, w, meta, arch=arch)
+                    job = launch.plan_multi_lora_linear(
+                        x, w, t(n) if bias else None, t(300, k), t(300, n), t(9, dt=i32),
+                        t(9, dt=i32), t(9, dt=torch.float32), t(3, dt=i32), t(3, dt=i32),
+                        t(2 * entries, dt=i32), t(2 * entries, dt=torch.float32), meta, plan,
+                    )  # fmt: skip
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = saved
+                for record in job.records:
+                    if "fn" in record:
+                        keys.add((arch, specialization(record)))
+        return keys
+
+    def test_specializations_are_complete():
+        """Every (config, argument specialization) a real launch can produce is one the AOT
+        jobs compile: the enumeration in SPECS misses nothing the dispatcher meets."""
+        compiled_keys = set()
+        for kind, dtype, config, arch, spec in _jobs():
+            (record,) = _plans(dtype, kind, config, spec)
+            compiled_keys.add((arch, specialization(record)))
+        met = _sweep_keys()
+        missing = met - compiled_keys
+        assert not missing, f"{len(missing)} specializations met but never compiled: " + str(
+            sorted(missing, key=str)[:3]
+        )
+        assert len(met) > 40
 
     def test_import_without_triton_reports_instead_of_failing():
         """``import lorakernels.kernels.triton`` works when triton cannot be imported."""

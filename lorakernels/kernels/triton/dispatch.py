@@ -222,6 +222,11 @@ def fused_config(rows: int, n: int, r_cap: int, dtype: str, *, arch: int = 90) -
         block_r = rank_block(r_cap)
         if arch < 90 and block_m == block_n == 128 and block_r == 64:
             block_n = 64
+        if arch < 90 and block_m == 128 and block_n == 64 and block_r == 32:
+            # sm_80 128x64 R32 spills in some argument specializations (8 warps: ptxas holds
+            # 128 regs and spills 16 B with bias absent, 8 B with BLOCK_K 32 and bias
+            # present); 64x64 R32 with 4 warps fits every one (AOT table, GPU.md).
+            block_m = 64
     # The multi-block loop adds live registers: 64x64 needs 8 warps there too (sm_80: 255
     # regs with 4 warps, at the limit; 180 with 8).
     num_warps = 4 if block_m == block_n == 64 and not multi else 8
@@ -251,7 +256,9 @@ def expand_config(n: int, dtype: str, *, arch: int = 90) -> ExpandConfig:
     """
     _check_dtype(dtype)
     if dtype == "float32":
-        return ExpandConfig(64, 64, 32, 8, 2)
+        # sm_80: the 32-wide rank block spills at N not a multiple of 16 (48 B FMA, 16 B TF32);
+        # 16 fits (123 regs).
+        return ExpandConfig(64, 64, 32 if arch >= 90 else 16, 8, 2)
     return ExpandConfig(64, 64 if n <= 384 else 128, 64, 8, 2)
 
 

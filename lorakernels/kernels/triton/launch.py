@@ -542,6 +542,11 @@ def plan_lora_expand(
 ) -> Launch:
     """Checked :func:`plan_expand` with the dispatch table's config unless one is given."""
     _check_meta(meta)
+    if not _is_canonical(y):
+        raise ValueError(
+            "y: the triton expand adds in place into contiguous rows starting 16-byte aligned; "
+            f"got strides {tuple(y.stride())}"
+        )
     _check(
         y,
         {"t": t, "lora_bt": lora_bt, "slot_start": slot_start, "slot_rank": slot_rank,
@@ -549,11 +554,6 @@ def plan_lora_expand(
          "entry_slot": entry_slot, "entry_weight": entry_weight},
         _INDEX_DTYPES,
     )  # fmt: skip
-    if y.device.type != "meta" and not _is_canonical(y):
-        raise ValueError(
-            "y: the triton expand adds in place into contiguous rows starting 16-byte aligned; "
-            f"got strides {tuple(y.stride())}"
-        )
     lora_bt, t = canonical(lora_bt), _canonical_t(t)
     if config is None:
         config = dispatch.expand_config(y.shape[1], _dtype_name(y, "y"), arch=_arch(y.device))
