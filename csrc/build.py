@@ -12,6 +12,15 @@ process per source so that each ``ptxas -v`` report stays in one piece, and link
 the static CUDA runtime so that the result depends only on the driver (``libcuda.so.1``,
 looked up at the first CUDA call, never at load time).
 
+Toolkit: a statically linked runtime needs a driver at least as new as the toolkit's CUDA
+version, so a library built by nvcc 13 refuses to run on a cu12 machine whose driver runs
+torch fine. The build therefore uses the toolkit matching ``torch.version.cuda`` (read from
+``torch/version.py`` without importing torch): among ``$CUDA_HOME``, ``$CUDA_PATH``, ``nvcc``
+on PATH, ``/usr/local/cuda-X.Y`` and pip's ``nvidia-cuda-nvcc`` wheels it takes one with the
+same major.minor, else the same major; with none, the build stops and says which it found
+(``--any-toolkit`` overrides, e.g. for compile-only checks). Which toolkit built the library
+is written next to it (``build_info.txt``) and shown by ``python -m lorakernels``.
+
 This file must keep importing without torch, setuptools or a GPU: an isolated build
 environment has none of them.
 """
@@ -35,6 +44,7 @@ from pathlib import Path
 CSRC = Path(__file__).resolve().parent
 ROOT = CSRC.parent
 LIB_NAME = "liblorakernels_cuda.so"
+BUILD_INFO = "build_info.txt"  # which toolkit built the library (read by lorakernels._native)
 DEFAULT_OUT = ROOT / "lorakernels" / "_lib"
 SOURCES = ("cuda/launch.cu", "cuda/sgmv_shrink.cu", "cuda/sgmv_expand.cu")
 # Tensor-core instructions used (mma.sync m16n8k16 bf16, tf32 m16n8k8) need sm_80 or newer.
@@ -52,6 +62,83 @@ def find_nvcc() -> str | None:
         if home and (Path(home) / "bin" / "nvcc").is_file():
             return str(Path(home) / "bin" / "nvcc")
     return shutil.which("nvcc")
+
+
+def nvcc_candidates() -> list[str]:
+    """Every nvcc this machine has, in order of preference (duplicates removed)."""
+    found: list[str] = []
+    first = find_nvcc()
+    if first:
+        found.append(first)
+    roots = sorted(Path("/usr/local").glob("cuda*"), reverse=True)
+    for key in ("purelib", "platlib"):
+        roots.append(Path(sysconfig.get_paths()[key]) / "nvidia" / "cuda_nvcc")
+    for root in roots:
+        nvcc = root / "bin" / "nvcc"
+        if nvcc.is_file() and os.access(nvcc, os.X_OK):
+            found.append(str(nvcc))
+    unique: list[str] = []
+    for path in found:
+        if all(Path(path).resolve() != Path(u).resolve() for u in unique):
+            unique.append(path)
+    return unique
+
+
+@functools.cache
+def nvcc_version(nvcc: str) -> str | None:
+    """``"12.4"`` from ``nvcc --version`` (None when it cannot be run or read)."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    m = re.search(r"release (\d+\.\d+)", out.stdout + out.stderr)
+    return m.group(1) if m else None
+
+
+def torch_cuda_version() -> str | None:
+    """``torch.version.cuda`` of the importable torch, read from its ``version.py`` without
+    importing torch (None: no torch, or a CPU build)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        text = (Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^cuda\s*(?::[^=\n]*)?=\s*['\"]([^'\"]+)['\"]", text, flags=re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def select_nvcc(cuda_version: str | None) -> tuple[str, str]:
+    """``(nvcc, note)``: the toolkit to build with for a torch built with ``cuda_version``.
+
+    Same major.minor first, then the same major (the driver API is stable within a major);
+    ``cuda_version=None`` (CPU torch, compile-only checks) takes the first nvcc found. Raises
+    BuildError naming what was found when nothing matches.
+    """
+    candidates = nvcc_candidates()
+    if not candidates:
+        raise BuildError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    versions = [(c, nvcc_version(c)) for c in candidates]
+    if cuda_version is None:
+        nvcc, ver = versions[0]
+        return nvcc, f"nvcc {ver} ({nvcc}); torch has no CUDA runtime to match"
+    want_major = cuda_version.split(".")[0]
+    for exact in (True, False):
+        for nvcc, ver in versions:
+            if ver is None:
+                continue
+            if ver == cuda_version or (not exact and ver.split(".")[0] == want_major):
+                return nvcc, f"nvcc {ver} ({nvcc}) for torch CUDA {cuda_version}"
+    seen = ", ".join(f"{c} (CUDA {v})" for c, v in versions)
+    raise BuildError(
+        f"no CUDA {want_major}.x toolkit found for torch built with CUDA {cuda_version} "
+        f"(found: {seen}); a library statically linked by a newer toolkit needs a newer driver "
+        "than torch does. Install the matching toolkit (or pip install "
+        f"nvidia-cuda-nvcc-cu{want_major}), set CUDA_HOME, or pass --any-toolkit"
+    )
 
 
 @functools.cache
@@ -190,13 +277,24 @@ def build_library(
     nvcc: str | None = None,
     jobs: int | None = None,
     verbose: bool = False,
+    cuda_version: str | None = "torch",
 ) -> BuildResult:
-    """Compile and link the library into ``out_dir``; returns its path and the ptxas report."""
+    """Compile and link the library into ``out_dir``; returns its path and the ptxas report.
+
+    ``nvcc`` given: used as is. Else the toolkit matching ``cuda_version`` (default
+    ``"torch"``: ``torch.version.cuda``; ``None``: any; :func:`select_nvcc`). setup.py relies
+    on the default. ``build_info.txt`` beside the library says which toolkit built it.
+    """
     if isinstance(archs, str):
         archs = parse_archs(archs)
-    nvcc = nvcc or find_nvcc()
+    if cuda_version == "torch":
+        cuda_version = torch_cuda_version()
     if nvcc is None:
-        raise BuildError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+        nvcc, note = select_nvcc(cuda_version)
+    else:
+        note = f"nvcc {nvcc_version(nvcc)} ({nvcc})"
+        if cuda_version:
+            note += f" for torch CUDA {cuda_version}"
     out = Path(out_dir)
     obj_dir = out / "obj"
     obj_dir.mkdir(parents=True, exist_ok=True)
@@ -226,6 +324,7 @@ def build_library(
     ]
     _run(link, "linking " + LIB_NAME)
     shutil.rmtree(obj_dir, ignore_errors=True)
+    (out / BUILD_INFO).write_text(f"{note}; archs {','.join(archs)}\n")
     log = "\n".join(logs)
     if verbose:
         print(log)
@@ -356,11 +455,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
     ap.add_argument("--verbose", action="store_true", help="print the ptxas report")
+    ap.add_argument(
+        "--cuda-version",
+        default=torch_cuda_version(),
+        help="CUDA version the toolkit must match (default: torch.version.cuda)",
+    )
+    ap.add_argument(
+        "--any-toolkit",
+        action="store_true",
+        help="build with the first nvcc found even if it does not match torch's CUDA",
+    )
     args = ap.parse_args(argv)
     if not args.arch:
         ap.error("no arch list: pass --arch or set LORAKERNELS_CUDA_ARCHS")
     try:
-        res = build_library(args.arch, args.out, verbose=args.verbose)
+        cuda = None if args.any_toolkit else args.cuda_version
+        res = build_library(args.arch, args.out, verbose=args.verbose, cuda_version=cuda)
     except (BuildError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 from pathlib import Path
 
 LIB_NAME = "liblorakernels_cuda.so"
@@ -20,6 +21,8 @@ ENV_LIB = "LORAKERNELS_CUDA_LIB"
 _LIB_DIR = Path(__file__).resolve().parent / "_lib"
 # Written by setup.py next to the library: why the build was skipped, when it was.
 _STATUS_FILE = "build_status.txt"
+# Written by csrc/build.py next to the library: the toolkit that built it ("nvcc 12.4 (...)").
+_BUILD_INFO = "build_info.txt"
 
 # lk_dtype values
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -91,7 +94,30 @@ def _load(path: str) -> tuple[ctypes.CDLL | None, str]:
             f"{ABI_VERSION}: rebuild it"
         )
     archs = lib.lk_build_archs().decode()
-    return lib, f"{p} (ABI {abi}, compiled for compute capabilities {archs})"
+    return lib, f"{p} (ABI {abi}, compiled for compute capabilities {archs}{_toolkit_note(p)})"
+
+
+def _toolkit_note(lib_path: Path) -> str:
+    """``; built by nvcc X.Y ...`` from ``build_info.txt``, with a warning when its CUDA major
+    differs from torch's (a statically linked newer runtime needs a newer driver)."""
+    try:
+        info = (lib_path.parent / _BUILD_INFO).read_text().strip()
+    except OSError:
+        return "; toolkit unknown (no build_info.txt)"
+    note = f"; built by {info}"
+    built = re.match(r"nvcc (\d+)\.", info)
+    try:
+        import torch
+
+        torch_cuda = torch.version.cuda
+    except ImportError:
+        torch_cuda = None
+    if built and torch_cuda and built.group(1) != torch_cuda.split(".")[0]:
+        note += (
+            f"; WARNING: torch uses CUDA {torch_cuda}, so a driver older than CUDA "
+            f"{built.group(1)}'s makes this library fail (rebuild with `python csrc/build.py`)"
+        )
+    return note
 
 
 def load() -> ctypes.CDLL:

@@ -124,6 +124,20 @@ def test_library_loads_and_reports(native, built) -> None:
     assert lib.lk_abi_version() == native.ABI_VERSION
     assert lib.lk_build_archs().decode() == ",".join(ARCHS)
     assert str(built.library) in why
+    # which toolkit built it travels with the library and is reported (issue 9, item 4)
+    assert f"built by nvcc {build.nvcc_version(NVCC)} ({NVCC})" in why, why
+
+
+def test_toolkit_must_match_torch_cuda(monkeypatch) -> None:
+    """A torch built with a CUDA major no toolkit here has is refused, naming what was found;
+    the matching major is taken when present."""
+    found = build.nvcc_version(NVCC)
+    assert found is not None
+    major = int(found.split(".")[0])
+    with pytest.raises(build.BuildError, match=f"no CUDA {major - 1}.x toolkit.*found: .*{found}"):
+        build.select_nvcc(f"{major - 1}.8")
+    nvcc, note = build.select_nvcc(f"{major}.99")  # same major, other minor: accepted
+    assert build.nvcc_version(nvcc).split(".")[0] == str(major) and "for torch CUDA" in note
 
 
 def test_invalid_arguments_raise(native) -> None:

@@ -24,13 +24,14 @@ it. ``python tests/test_triton_aot.py`` prints the table of registers/spills/sha
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -51,10 +52,50 @@ _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 @dataclass(frozen=True)
+class Spec:
+    """One argument specialization: what Triton's JIT keys a compile on besides the configs.
+
+    Triton specializes every runtime integer on ``% 16 == 0`` (and ``== 1``) and every pointer
+    on 16-byte alignment. The launcher makes every float tensor it passes contiguous and
+    16-byte aligned (``launch.canonical``), pads ``t``'s row stride to a multiple of 16
+    (``launch._t_buffer``) and sends layers whose K or N is not a multiple of 16 to the pair,
+    so what remains is: the fused kernel with and without ``bias`` (K, N multiples of 16);
+    the shrink in the two classes of ``K`` (= ``stride_xm``, ``stride_ar``); the expand in the
+    two classes of ``N`` (= ``stride_ym``, ``stride_btr``); fp32 pair kernels with and
+    without TF32. ``k``/``n`` stand for their class: 320 for multiples of 16 (every SD/SDXL
+    width), 77 and 328 for the rest.
+    """
+
+    bias: bool = True
+    k: int = 320
+    n: int = 320
+    width: tuple[int, int] = (3, 64)  # (max_entries, max_rank) of the pair kernels' t
+    tf32: bool = False  # torch.backends.cuda.matmul.allow_tf32 (fp32 pair kernels only)
+
+    def label(self, kind: str) -> str:
+        if kind == "fused":
+            return "bias" if self.bias else "no bias"
+        words = [f"K{self.k}" if kind == "shrink" else f"N{self.n}"]
+        if self.tf32:
+            words.append("tf32")
+        return " ".join(words)
+
+
+# Every class each kernel can meet; test_specializations_are_complete proves by a sweep of
+# real launch plans that the dispatcher meets no other.
+SPECS = {
+    "fused": [Spec(True), Spec(False)],
+    "shrink": [Spec(False, k, 320) for k in (320, 77)],
+    "expand": [Spec(False, 320, n) for n in (320, 328)],
+}
+
+
+@dataclass(frozen=True)
 class Compiled:
     kernel: str
     dtype: str
     config: str
+    spec: str
     arch: int
     registers: int
     stack_bytes: int  # ptxas puts register spills in the stack frame (no calls, no arrays)
@@ -64,15 +105,15 @@ class Compiled:
     sass_mma: tuple[str, ...]
 
 
-def _plans(dtype: str, kind: str, config) -> list[dict]:
-    """Launch records of one config, planned on meta tensors of an SD1.5 ``to_q`` shape."""
+def _plans(dtype: str, kind: str, config, spec: Spec) -> list[dict]:
+    """Launch records of one config and specialization, planned on meta tensors."""
     from lorakernels.kernels.triton import launch
 
     td = _TORCH_DTYPES[dtype]
-    m, k, n, s = 8192, 320, 320, 2
+    m, k, n, s = 8192, spec.k, spec.n, 2
     # Capacities the config is chosen for: one rank block unless it loops over several.
     single = kind == "fused" and not config.multi_block
-    max_entries, max_rank = (1, config.block_r) if single else (3, 64)
+    max_entries, max_rank = (1, config.block_r) if single else spec.width
     bank_rows = 512
     meta_dev = torch.device("meta")
 
@@ -81,48 +122,66 @@ def _plans(dtype: str, kind: str, config) -> list[dict]:
 
     i32 = torch.int32
     meta = LaunchMeta(4096, max_entries, max_rank)
-    x, w, b = t(m, k), t(n, k), t(n)
+    x = t(m, k)
+    w, b = t(n, k), (t(n) if spec.bias else None)
     a, bt = t(bank_rows, k), t(bank_rows, n)
     starts, ranks, scales = t(8, dt=i32), t(8, dt=i32), t(8, dt=torch.float32)
     row_ptr, entry_ptr = t(s + 1, dt=i32), t(s + 1, dt=i32)
     entry_slot, entry_weight = t(s * max_entries, dt=i32), t(s * max_entries, dt=torch.float32)
-    if kind == "fused":
-        plan = launch.plan_fused(
-            x, w, b, a, bt, starts, ranks, scales, row_ptr, entry_ptr, entry_slot,
-            entry_weight, meta, config,
-        )  # fmt: skip
-    elif kind == "shrink":
-        plan = launch.plan_shrink(
-            x, a, starts, ranks, row_ptr, entry_ptr, entry_slot, meta, config, 2
-        )
-    else:
-        y, tt = t(m, n), t(m, max_entries * max_rank, dt=torch.float32)
-        plan = launch.plan_expand(
-            y, tt, bt, starts, ranks, scales, row_ptr, entry_ptr, entry_slot, entry_weight,
-            meta, config,
-        )  # fmt: skip
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = spec.tf32
+    try:
+        if kind == "fused":
+            plan = launch.plan_fused(
+                x, w, b, a, bt, starts, ranks, scales, row_ptr, entry_ptr, entry_slot,
+                entry_weight, meta, config,
+            )  # fmt: skip
+        elif kind == "shrink":
+            plan = launch.plan_shrink(
+                x, a, starts, ranks, row_ptr, entry_ptr, entry_slot, meta, config, 2
+            )
+        else:
+            y, tt = t(m, n), launch._t_buffer(m, max_entries * max_rank, meta_dev)
+            plan = launch.plan_expand(
+                y, tt, bt, starts, ranks, scales, row_ptr, entry_ptr, entry_slot, entry_weight,
+                meta, config,
+            )  # fmt: skip
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
     return [r for r in plan.records if "fn" in r]
 
 
+def specialization(record: dict) -> tuple:
+    """The key Triton's JIT compiles one launch record under: each runtime argument's type and
+    divisibility/alignment class (Triton's own ``specialize_impl``), plus the constexprs."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    fn = record["fn"]
+    runtime = [p for p in fn.params if not p.is_constexpr]
+    key = []
+    for param, value in zip(runtime, record["args"], strict=True):
+        spec = not param.do_not_specialize
+        key.append(native_specialize_impl(BaseBackend, value, False, spec, True))
+    consts = tuple((p.name, record[p.name]) for p in fn.params if p.is_constexpr)
+    opts = (record["num_warps"], record["num_stages"])
+    return (fn.__name__, tuple(key), consts, opts)
+
+
 def _source(record: dict):
-    """ASTSource + options for one launch record, specialised like Triton's JIT would."""
+    """ASTSource + options for one launch record, specialised exactly as Triton's JIT would."""
     from triton.compiler import ASTSource
 
     fn = record["fn"]
     runtime = [p for p in fn.params if not p.is_constexpr]
+    _, key, _, _ = specialization(record)
     signature, constexprs, attrs = {}, {}, {}
-    for param, value in zip(runtime, record["args"], strict=True):
-        if value is None:
-            signature[param.name], constexprs[param.name] = "constexpr", None
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + _TRITON_DTYPES[value.dtype]
-            attrs[(param.num,)] = [["tt.divisibility", 16]]  # torch allocations are aligned
-        elif value == 1 and not param.do_not_specialize:
-            signature[param.name], constexprs[param.name] = "constexpr", 1
-        else:
-            signature[param.name] = "i32"
-            if value % 16 == 0 and not param.do_not_specialize:
-                attrs[(param.num,)] = [["tt.divisibility", 16]]
+    for param, value, (kind, attr) in zip(runtime, record["args"], key, strict=True):
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[param.name] = value if value is None else attr
+        elif attr == "D":
+            attrs[(param.num,)] = [["tt.divisibility", 16]]
     for param in fn.params:
         if param.is_constexpr:
             signature[param.name], constexprs[param.name] = "constexpr", record[param.name]
@@ -134,11 +193,11 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _compile(job: tuple[str, str, object, int]) -> Compiled:
+def _compile(job: tuple) -> Compiled:
     from triton.backends.compiler import GPUTarget
 
-    kind, dtype, config, arch = job
-    (record,) = _plans(dtype, kind, config)
+    kind, dtype, config, arch, spec = job
+    (record,) = _plans(dtype, kind, config, spec)
     src, options = _source(record)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
@@ -160,6 +219,7 @@ def _compile(job: tuple[str, str, object, int]) -> Compiled:
         kernel=record["kernel"],
         dtype=dtype,
         config=_describe(config),
+        spec=spec.label(kind),
         arch=arch,
         registers=int(found.group(1)),
         stack_bytes=int(found.group(2)),
@@ -179,13 +239,22 @@ def _describe(config) -> str:
     return " ".join(words)
 
 
-def _jobs() -> list[tuple[str, str, object, int]]:
-    """Each config of the dispatch tables, compiled for the architecture whose table holds it."""
-    return [
-        (kind, dtype, config, arch)
-        for kind, configs in dispatch.all_configs().items()
-        for arch, dtype, config in configs
-    ]
+def _jobs() -> list[tuple]:
+    """Each config of the dispatch tables, for the architecture whose table holds it, in each
+    specialization; fp32 pair kernels with and without TF32. Jobs that Triton would compile
+    identically are listed once."""
+    jobs, seen = [], set()
+    for kind, configs in dispatch.all_configs().items():
+        for arch, dtype, config in configs:
+            for spec in SPECS[kind]:
+                for tf32 in (False, True) if dtype == "float32" else (False,):
+                    job = (kind, dtype, config, arch, replace(spec, tf32=tf32))
+                    (record,) = _plans(dtype, kind, config, job[4])
+                    key = (arch, specialization(record))
+                    if key not in seen:
+                        seen.add(key)
+                        jobs.append(job)
+    return jobs
 
 
 def compile_all() -> list[Compiled]:
@@ -194,18 +263,19 @@ def compile_all() -> list[Compiled]:
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
     context = multiprocessing.get_context("spawn")  # no inherited interpreter/JIT state
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(pool.map(_compile, jobs))
+        return list(pool.map(_compile, jobs, chunksize=4))
 
 
 def format_table(results: list[Compiled]) -> str:
-    head = f"{'kernel':<26} {'dtype':<9} {'config':<26} {'arch':<6} {'regs':>4} {'stack':>5} "
-    head += f"{'smem KiB':>8}  MMA (PTX / SASS)"
+    head = f"{'kernel':<26} {'dtype':<9} {'config':<24} {'specialization':<26} {'arch':<6} "
+    head += f"{'regs':>4} {'spill':>5} {'smem KiB':>8}  MMA (PTX / SASS)"
     lines = [head, "-" * len(head)]
     for r in results:
         mma = f"{','.join(r.ptx_mma) or '-'} / {','.join(r.sass_mma) or '-'}"
         lines.append(
-            f"{r.kernel:<26} {r.dtype:<9} {r.config:<26} sm_{r.arch:<3} {r.registers:>4} "
-            f"{r.stack_bytes + r.local_bytes:>5} {r.shared_bytes / 1024:>8.1f}  {mma}"
+            f"{r.kernel:<26} {r.dtype:<9} {r.config:<24} {r.spec:<26} sm_{r.arch:<3} "
+            f"{r.registers:>4} {r.stack_bytes + r.local_bytes:>5} {r.shared_bytes / 1024:>8.1f}"
+            f"  {mma}"
         )
     return "\n".join(lines)
 
@@ -232,6 +302,14 @@ else:
 
     def test_every_dispatch_config_is_compiled(compiled):
         assert len(compiled) == len(_jobs()) > 0
+        configs = {(r.arch, r.dtype, r.kernel, r.config) for r in compiled}
+        want = {
+            (arch, dtype, f"_{'fused_multi_lora' if kind == 'fused' else 'lora_' + kind}_kernel",
+             _describe(config))
+            for kind, items in dispatch.all_configs().items()
+            for arch, dtype, config in items
+        }  # fmt: skip
+        assert configs == want
         kinds = {r.kernel for r in compiled}
         assert kinds == {"_fused_multi_lora_kernel", "_lora_shrink_kernel", "_lora_expand_kernel"}
 
@@ -264,6 +342,68 @@ else:
         assert pair
         missing = [r for r in pair if not r.sass_mma]
         assert not missing, format_table(missing)
+
+    def _sweep_keys() -> set:
+        """Specialization keys of real launch plans over what the dispatcher can meet: SD1.5,
+        SD2 and SDXL widths and odd ones, bias on/off, 77-token text rows and image rows,
+        summed-rank capacities 1..384, contiguous, padded and misaligned x, fp32 with and
+        without TF32, for both GPU generations (meta tensors: nothing is compiled)."""
+        from lorakernels.kernels.triton import launch
+
+        widths = [(320, 320), (320, 1280), (640, 640), (768, 320), (1024, 640), (2048, 1280),
+                  (1280, 10240), (5120, 1280), (77, 328), (33, 127), (328, 77)]  # fmt: skip
+        caps = [(1, 1), (1, 16), (1, 32), (4, 32), (3, 64), (2, 37), (1, 128), (3, 128)]
+        keys = set()
+        for arch, dtype, tf32 in itertools.product(dispatch.ARCHS, _TORCH_DTYPES, (False, True)):
+            if tf32 and dtype != "float32":
+                continue
+            td = _TORCH_DTYPES[dtype]
+            for (k, n), bias, rows, (entries, rank), layout in itertools.product(
+                widths, (True, False), (77, 4096), caps, ("contiguous", "padded", "offset")
+            ):
+                m = 2 * rows
+
+                def t(*shape, dt=td):
+                    return torch.empty(shape, dtype=dt, device="meta")
+
+                if layout == "padded":
+                    x = t(m, k + 3)[:, :k]
+                elif layout == "offset":
+                    x = t(m * k + 1)[1:].view(m, k)
+                else:
+                    x = t(m, k)
+                i32 = torch.int32
+                meta = LaunchMeta(rows, entries, rank)
+                w = t(n, k)
+                saved = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                try:
+                    plan = launch.choose_plan(x, w, meta, arch=arch)
+                    job = launch.plan_multi_lora_linear(
+                        x, w, t(n) if bias else None, t(300, k), t(300, n), t(9, dt=i32),
+                        t(9, dt=i32), t(9, dt=torch.float32), t(3, dt=i32), t(3, dt=i32),
+                        t(2 * entries, dt=i32), t(2 * entries, dt=torch.float32), meta, plan,
+                    )  # fmt: skip
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = saved
+                for record in job.records:
+                    if "fn" in record:
+                        keys.add((arch, specialization(record)))
+        return keys
+
+    def test_specializations_are_complete():
+        """Every (config, argument specialization) a real launch can produce is one the AOT
+        jobs compile: the enumeration in SPECS misses nothing the dispatcher meets."""
+        compiled_keys = set()
+        for kind, dtype, config, arch, spec in _jobs():
+            (record,) = _plans(dtype, kind, config, spec)
+            compiled_keys.add((arch, specialization(record)))
+        met = _sweep_keys()
+        missing = met - compiled_keys
+        assert not missing, f"{len(missing)} specializations met but never compiled: " + str(
+            sorted(missing, key=str)[:3]
+        )
+        assert len(met) > 40
 
     def test_import_without_triton_reports_instead_of_failing():
         """``import lorakernels.kernels.triton`` works when triton cannot be imported."""

@@ -143,7 +143,9 @@ LK_HD void load_tile(D* dst, const T* src, int64_t ld, int rows_valid, int cols_
     const int c = tid + i * THREADS;
     const int r = c / CPR;
     const int col = (c % CPR) * VEC;
-    T v[VEC];
+    // alignas(16): copy_bytes<16> reinterprets these as uint4, which needs a 16-byte aligned
+    // address if the array ever lives in local memory instead of registers.
+    alignas(16) T v[VEC];
     if (r < rows_valid && vec && col + VEC <= cols_valid) {
       copy_bytes<16>(v, src + r * ld + col);
     } else {
@@ -156,7 +158,7 @@ LK_HD void load_tile(D* dst, const T* src, int64_t ld, int rows_valid, int cols_
     if constexpr (same_type<T, D>::value && !SCALED) {
       copy_bytes<16>(d, v);
     } else {
-      D w[VEC];
+      alignas(16) D w[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         float f = to_f32(v[e]);

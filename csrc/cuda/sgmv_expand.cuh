@@ -98,7 +98,7 @@ LK_HD bool expand_tile(const P& p, int64_t bx, int64_t by, ExpandTile* out) {
 template <class X, int V>
 LK_HD void load_vec_f32(float (&dst)[V], const X* src, int valid, bool vec) {
   if (vec && valid >= V) {
-    X v[V];
+    alignas(16) X v[V];  // read as uint2/uint4 by copy_bytes
     copy_bytes<V * int(sizeof(X))>(v, src);
 #pragma unroll
     for (int e = 0; e < V; ++e) dst[e] = to_f32(v[e]);
@@ -110,7 +110,7 @@ LK_HD void load_vec_f32(float (&dst)[V], const X* src, int valid, bool vec) {
 
 template <class X, int V>
 LK_HD void store_vec_f32(X* dst, const float (&src)[V], int valid, bool vec) {
-  X v[V];
+  alignas(16) X v[V];  // written as uint2/uint4 by copy_bytes
 #pragma unroll
   for (int e = 0; e < V; ++e) v[e] = from_f32<X>(src[e]);
   if (vec && valid >= V) {

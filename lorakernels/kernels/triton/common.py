@@ -16,9 +16,15 @@
   so the up-cast computes the same sums as a bf16 MMA with fp32 accumulation; compiled GPU
   code never takes that branch.
 
-Capacities: entries past ``max_entries`` of a sample and rank rows past ``max_rank`` are
-ignored (``LaunchMeta`` promises they do not exist; clamping keeps a broken promise from
-writing outside the ``[M, max_entries * max_rank]`` intermediate).
+Capacities and bounds, identical to the csrc kernels (``resolve_entry`` in
+``csrc/cuda/sgmv_common.cuh``): entries past ``max_entries`` of a sample are ignored, and an
+entry is skipped whole (rank 0, nothing read) when its slot is outside ``[0, num_slots)``, its
+rank exceeds ``max_rank``, or its rows ``start .. start + rank`` leave the bank's
+``bank_rows``. ``LaunchMeta`` promises none of this happens; the launcher and the bank raise
+where a host-side check can see it, and skipping (never truncating, never reading past an
+array) keeps a broken promise -- e.g. a CUDA graph replayed after a capacity grew, or a
+``torch.compile`` graph where validation is skipped -- from reading or writing out of bounds,
+with the same result on both GPU backends.
 """
 
 from __future__ import annotations
@@ -64,13 +70,15 @@ def _rank_columns(
     slot_scale_ptr,
     max_entries,
     max_rank,
+    num_slots,
+    bank_rows,
 ):
     """Map packed rank columns ``cols`` of one sample to bank rows, ``t`` columns, coefficients.
 
     Returns ``(bank_row, t_col, coef, packed)``: ``packed`` is the sample's summed rank;
     columns ``>= packed`` are padding (bank row 0, coefficient 0) and must be masked by the
     caller. ``entry_weight_ptr``/``slot_scale_ptr`` may be ``None`` (the shrink needs no
-    coefficients); ``coef`` is then all zeros.
+    coefficients); ``coef`` is then all zeros. Invalid entries count as rank 0 (module doc).
     """
     bank_row = tl.zeros(cols.shape, tl.int32)
     t_col = tl.zeros(cols.shape, tl.int32)
@@ -79,10 +87,16 @@ def _rank_columns(
     entry_end = tl.minimum(entry_end, entry_begin + max_entries)
     for e in range(entry_begin, entry_end):
         slot = tl.load(entry_slot_ptr + e)
-        rank = tl.minimum(tl.load(slot_rank_ptr + slot), max_rank)
+        in_range = (slot >= 0) & (slot < num_slots)
+        slot = tl.where(in_range, slot, 0)  # a safe index; the entry is dropped below
+        rank = tl.load(slot_rank_ptr + slot)
+        start = tl.load(slot_start_ptr + slot)
+        valid = in_range & (rank > 0) & (rank <= max_rank) & (start >= 0)
+        valid = valid & (start <= bank_rows - rank)
+        rank = tl.where(valid, rank, 0)
         inside = (cols >= packed) & (cols < packed + rank)
         within = cols - packed
-        bank_row = tl.where(inside, tl.load(slot_start_ptr + slot) + within, bank_row)
+        bank_row = tl.where(inside, start + within, bank_row)
         t_col = tl.where(inside, (e - entry_begin) * max_rank + within, t_col)
         if entry_weight_ptr is not None:
             c = tl.load(entry_weight_ptr + e) * tl.load(slot_scale_ptr + slot)

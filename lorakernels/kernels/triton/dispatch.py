@@ -35,19 +35,36 @@ is large (big summed ranks, many N tiles) *and* the layer is compute bound (larg
 
 The rule (:func:`choose`) evaluates both with the same roofline (``max(FLOPs/peak,
 bytes/bandwidth)`` plus a fixed cost per launch) and picks the smaller. The machine numbers
-are H100 SXM data-sheet values; the decision depends mostly on their ratio. Tile shapes were
-chosen from the AOT register report (no spills on sm_80 or sm_90, see :func:`fused_config`);
-none has been timed on a GPU yet (README "What has run where").
+are data-sheet values per GPU (:data:`MACHINES`: A100 SXM, H100 SXM/PCIe, H200; unknown GPUs
+use H100 SXM); the decision depends mostly on their ratio -- the H200's 4.8 TB/s moves the
+ridge from ~295 to ~206 FLOP/B, so more layers are memory bound and stay fused. Tile shapes
+were chosen from the AOT register report (``tests/test_triton_aot.py``: every config in every
+argument specialization it can meet); none has been timed on a GPU yet (README "What has run
+where"). The decision is cached per (shapes, capacities, dtype, GPU): it costs ~12 us to
+evaluate, which a UNet step would otherwise pay in every one of its ~700 layer calls.
+
+fp32 never takes the fused kernel: its base GEMM would run on CUDA-core FMAs (or Triton's
+TF32) next to cuBLAS doing better in the pair, and the two paths would round differently when
+torch's TF32 switch is on. fp32 goes to cuBLAS + shrink/expand, which follow the switch.
+
+Known gaps on Hopper (sm_90), left for ``make gpu-check``'s measurements to rank: no TMA
+loads, no persistent scheduling or warp specialization; the 64x64 four-warp tiles picked for
+N <= 384 issue one small ``wgmma`` per K step; the shrink is recomputed by every N tile of a
+row tile (the ``Rp/BN`` tax above); the csrc kernels have no ``cp.async`` pipelining.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
 __all__ = [
+    "A100",
     "ARCHS",
     "H100",
+    "H200",
+    "MACHINES",
     "Cost",
     "ExpandConfig",
     "FusedConfig",
@@ -60,6 +77,7 @@ __all__ = [
     "expand_config",
     "fused_config",
     "fused_costs",
+    "machine_for",
     "pair_costs",
     "rank_block",
     "seconds",
@@ -78,13 +96,32 @@ class Machine:
 
     name: str
     mma_flops_16bit: float  # dense fp16/bf16 tensor-core FLOP/s
-    fma_flops_fp32: float  # fp32 FLOP/s without tensor cores (our fp32 path uses exact FMA)
+    fma_flops_fp32: float  # fp32 FLOP/s without tensor cores (exact fp32)
     bandwidth: float  # DRAM bytes/s
     launch_s: float  # fixed cost per kernel launch inside a CUDA graph (assumed)
     sm_count: int
+    mma_flops_tf32: float = 0.0  # dense TF32 tensor-core FLOP/s (fp32 with TF32 allowed)
 
 
-H100 = Machine("H100 SXM", 990e12, 67e12, 3.35e12, 2e-6, 132)
+# NVIDIA data sheets (dense, no sparsity). The H200 is an H100 SXM with HBM3e: same SMs and
+# clocks, 4.8 TB/s instead of 3.35.
+A100 = Machine("A100 SXM", 312e12, 19.5e12, 2.039e12, 2e-6, 108, 156e12)
+H100 = Machine("H100 SXM", 990e12, 67e12, 3.35e12, 2e-6, 132, 495e12)
+H100_PCIE = Machine("H100 PCIe", 756e12, 51e12, 2.0e12, 2e-6, 114, 378e12)
+H200 = Machine("H200 SXM", 990e12, 67e12, 4.8e12, 2e-6, 132, 495e12)
+MACHINES = (A100, H100, H100_PCIE, H200)
+
+
+def machine_for(device_name: str) -> Machine:
+    """Constants for a GPU by its ``torch.cuda.get_device_name()``; H100 SXM when unknown."""
+    name = device_name.upper()
+    if "A100" in name or "A800" in name:
+        return A100
+    if "H200" in name or "GH200" in name:
+        return H200
+    if "H100" in name or "H800" in name:
+        return H100_PCIE if "PCIE" in name else H100
+    return H100
 
 
 @dataclass(frozen=True)
@@ -185,6 +222,11 @@ def fused_config(rows: int, n: int, r_cap: int, dtype: str, *, arch: int = 90) -
         block_r = rank_block(r_cap)
         if arch < 90 and block_m == block_n == 128 and block_r == 64:
             block_n = 64
+        if arch < 90 and block_m == 128 and block_n == 64 and block_r == 32:
+            # sm_80 128x64 R32 spills in some argument specializations (8 warps: ptxas holds
+            # 128 regs and spills 16 B with bias absent, 8 B with BLOCK_K 32 and bias
+            # present); 64x64 R32 with 4 warps fits every one (AOT table, GPU.md).
+            block_m = 64
     # The multi-block loop adds live registers: 64x64 needs 8 warps there too (sm_80: 255
     # regs with 4 warps, at the limit; 180 with 8).
     num_warps = 4 if block_m == block_n == 64 and not multi else 8
@@ -214,7 +256,9 @@ def expand_config(n: int, dtype: str, *, arch: int = 90) -> ExpandConfig:
     """
     _check_dtype(dtype)
     if dtype == "float32":
-        return ExpandConfig(64, 64, 32, 8, 2)
+        # sm_80: the 32-wide rank block spills at N not a multiple of 16 (48 B FMA, 16 B TF32);
+        # 16 fits (123 regs).
+        return ExpandConfig(64, 64, 32 if arch >= 90 else 16, 8, 2)
     return ExpandConfig(64, 64 if n <= 384 else 128, 64, 8, 2)
 
 
@@ -308,6 +352,7 @@ def pair_costs(m: int, n: int, k: int, rows: int, r: int, dtype: str, arch: int 
     ]
 
 
+@functools.lru_cache(maxsize=4096)
 def choose(
     m: int,
     n: int,
@@ -319,15 +364,30 @@ def choose(
     arch: int = 90,
     sm_count: int = H100.sm_count,
     machine: Machine = H100,
+    aligned: bool = True,
 ) -> Plan:
     """The fused-vs-pair decision and the configs, from shapes and capacities only.
 
     ``arch`` is the compute capability x 10 (80 for A100-class, 90 for H100); the CPU
-    interpreter uses the sm_90 table.
+    interpreter uses the sm_90 table. fp32 always takes the pair (module docstring), and so
+    does a layer that is not ``aligned`` (K or N not a multiple of 16, or a weight that is
+    not contiguous and 16-byte aligned): the fused kernel is compiled and checked only for
+    that class (``tests/test_triton_aot.py``); every SD/SDXL layer is in it, and the pair
+    (cuBLAS + shrink/expand) is correct for any shape. Cached: all arguments are host
+    integers, strings and a frozen :class:`Machine`.
     """
     _check_dtype(dtype)
     r_cap = max(0, max_entries) * max(0, max_rank)
     rows = max(1, min(max_rows, m)) if m else 1
+    if dtype == "float32" or not aligned:
+        split = split_k_for(m, k, rows, r_cap, sm_count)
+        return Plan(
+            "pair",
+            None,
+            shrink_config(r_cap, dtype, arch=arch),
+            split,
+            expand_config(n, dtype, arch=arch),
+        )
     fused = Plan("fused", fused_config(rows, n, r_cap, dtype, arch=arch), None, 1, None)
     if r_cap == 0 or m == 0:
         return fused  # no LoRA can be present: the fused kernel is a plain GEMM
@@ -356,6 +416,8 @@ def all_configs() -> dict[str, list[tuple[int, str, object]]]:
     widths = (33, 320, 385, 1280)
     for arch, dtype in itertools.product(ARCHS, _DTYPES):
         for r_cap, rows, n in itertools.product(r_caps, (1, 77, 128, 4096), widths):
+            if dtype == "float32":
+                break  # fp32 is never fused (choose)
             found["fused"].add((arch, dtype, fused_config(rows, n, r_cap, dtype, arch=arch)))
         for r_cap in r_caps:
             found["shrink"].add((arch, dtype, shrink_config(r_cap, dtype, arch=arch)))

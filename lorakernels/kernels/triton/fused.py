@@ -81,7 +81,7 @@ def _k_loop(
 
 # Batch-dependent integers are not specialized (a value of 1 would otherwise compile a
 # variant of its own, e.g. for a one-sample batch).
-@triton.jit(do_not_specialize=["S", "max_entries", "max_rank"])
+@triton.jit(do_not_specialize=["S", "max_entries", "max_rank", "num_slots", "bank_rows"])
 def _fused_multi_lora_kernel(
     x_ptr,
     weight_ptr,
@@ -101,6 +101,8 @@ def _fused_multi_lora_kernel(
     S,
     max_entries,
     max_rank,
+    num_slots,
+    bank_rows,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -152,7 +154,7 @@ def _fused_multi_lora_kernel(
     # limit these tiles (see the AOT table).
     a_ptrs, mask_r, packed = _a_block(
         offs_r, entry_begin, entry_end, entry_slot_ptr, slot_start_ptr, slot_rank_ptr,
-        max_entries, max_rank, lora_a_ptr, stride_ar, stride_ak, BLOCK_K,
+        max_entries, max_rank, num_slots, bank_rows, lora_a_ptr, stride_ar, stride_ak, BLOCK_K,
     )  # fmt: skip
     if packed > 0:
         acc, t = _k_loop(
@@ -161,8 +163,9 @@ def _fused_multi_lora_kernel(
         )  # fmt: skip
         acc = _expand_cols(
             acc, t, offs_r, entry_begin, entry_end, entry_slot_ptr, entry_weight_ptr,
-            slot_start_ptr, slot_rank_ptr, slot_scale_ptr, max_entries, max_rank, lora_bt_ptr,
-            stride_btr, stride_btn, offs_n, mask_n, INPUT_PRECISION, UPCAST, SPLIT_T,
+            slot_start_ptr, slot_rank_ptr, slot_scale_ptr, max_entries, max_rank, num_slots,
+            bank_rows, lora_bt_ptr, stride_btr, stride_btn, offs_n, mask_n, INPUT_PRECISION,
+            UPCAST, SPLIT_T,
         )  # fmt: skip
         # Further rank blocks (summed rank > BLOCK_R): each re-walks K for its shrink only.
         # Compiled only when the capacity needs it (MULTI_BLOCK): the extra loop costs
@@ -171,7 +174,8 @@ def _fused_multi_lora_kernel(
             for r0 in range(BLOCK_R, packed, BLOCK_R):
                 a_ptrs, mask_r, _ = _a_block(
                     r0 + offs_r, entry_begin, entry_end, entry_slot_ptr, slot_start_ptr,
-                    slot_rank_ptr, max_entries, max_rank, lora_a_ptr, stride_ar, stride_ak, BLOCK_K,
+                    slot_rank_ptr, max_entries, max_rank, num_slots, bank_rows, lora_a_ptr,
+                    stride_ar, stride_ak, BLOCK_K,
                 )  # fmt: skip
                 t = _shrink_only_loop(
                     x_ptrs, a_ptrs, mask_m, mask_r, K, stride_xk, stride_ak,
@@ -180,7 +184,8 @@ def _fused_multi_lora_kernel(
                 acc = _expand_cols(
                     acc, t, r0 + offs_r, entry_begin, entry_end, entry_slot_ptr,
                     entry_weight_ptr, slot_start_ptr, slot_rank_ptr, slot_scale_ptr, max_entries,
-                    max_rank, lora_bt_ptr, stride_btr, stride_btn, offs_n, mask_n,
+                    max_rank, num_slots, bank_rows, lora_bt_ptr, stride_btr, stride_btn, offs_n,
+                    mask_n,
                     INPUT_PRECISION, UPCAST, SPLIT_T,
                 )  # fmt: skip
     else:
@@ -232,6 +237,8 @@ def _a_block(
     slot_rank_ptr,
     max_entries,
     max_rank,
+    num_slots,
+    bank_rows,
     lora_a_ptr,
     stride_ar,
     stride_ak,
@@ -240,7 +247,7 @@ def _a_block(
     """Pointers ``[BLOCK_K, BLOCK_R]`` to the gathered A rows of packed columns ``cols``."""
     bank_row, t_col, coef, packed = _rank_columns(
         cols, entry_begin, entry_end, entry_slot_ptr, None, slot_start_ptr, slot_rank_ptr,
-        None, max_entries, max_rank,
+        None, max_entries, max_rank, num_slots, bank_rows,
     )  # fmt: skip
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = lora_a_ptr + bank_row.to(tl.int64)[None, :] * stride_ar
@@ -262,6 +269,8 @@ def _expand_cols(
     slot_scale_ptr,
     max_entries,
     max_rank,
+    num_slots,
+    bank_rows,
     lora_bt_ptr,
     stride_btr,
     stride_btn,
@@ -274,7 +283,7 @@ def _expand_cols(
     """``acc += (t * coef) @ Bt[bank rows of cols]`` for one block of packed columns."""
     bank_row, t_col, coef, packed = _rank_columns(
         cols, entry_begin, entry_end, entry_slot_ptr, entry_weight_ptr, slot_start_ptr,
-        slot_rank_ptr, slot_scale_ptr, max_entries, max_rank,
+        slot_rank_ptr, slot_scale_ptr, max_entries, max_rank, num_slots, bank_rows,
     )  # fmt: skip
     bt_ptrs = lora_bt_ptr + bank_row.to(tl.int64)[:, None] * stride_btr
     bt_ptrs += offs_n.to(tl.int64)[None, :] * stride_btn

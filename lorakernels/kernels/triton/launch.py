@@ -5,6 +5,16 @@ A :class:`Launch` is everything one call launches, built from shapes, strides, d
 (it even works on ``device="meta"`` tensors, which the tests use to prove it), so calling it
 again after the batch tensors were changed in place is exactly what a CUDA-graph replay does.
 
+Device: a launch runs on ``x``'s device, whatever torch's current device is (Triton launches
+on the current device and its current stream, so :meth:`Launch.__call__` switches to ``x``'s
+device first when they differ, as the cuda backend does).
+
+Per-call host cost (issue 9, item 10): the dispatch decision is cached per (shapes,
+capacities, dtype, GPU), the device check per device, so a call builds only the argument
+tuples. fp32 follows torch's TF32 switch (``torch.backends.cuda.matmul.allow_tf32``) in the
+shrink and expand exactly as the cuBLAS base GEMM of the pair does; fp32 never takes the fused
+kernel (:func:`.dispatch.choose`).
+
 Constraints checked here (``lorakernels.ops`` has already checked meaning and shapes): dtypes
 fp16/bf16/fp32 with one dtype for ``x``/``weight``/``bias``/bank, ``int32`` index tensors,
 ``float32`` scales and strengths; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
@@ -12,6 +22,7 @@ fp16/bf16/fp32 with one dtype for ``x``/``weight``/``bias``/bank, ``int32`` inde
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -39,9 +50,20 @@ class Launch:
     records: list[dict] = field(default_factory=list)
 
     def __call__(self) -> Tensor:
-        for step in self.steps:
-            step()
+        with device_guard(self.out.device):
+            for step in self.steps:
+                step()
         return self.out
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Make ``device`` torch's current CUDA device while Triton launches (no-op elsewhere or
+    when it already is): Triton picks the device and stream from torch's current device."""
+    if device.type != "cuda" or device.index is None:
+        return contextlib.nullcontext()
+    if torch.cuda.current_device() == device.index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
 
 
 def interpreting() -> bool:
@@ -55,6 +77,14 @@ def interpreting() -> bool:
 
 def unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on ``device`` tensors, or ``None`` if they can."""
+    return _unavailable_reason(device.type, device.index)
+
+
+@functools.cache
+def _unavailable_reason(device_type: str, index: int | None) -> str | None:
+    # Cached: every call checks its device, and nothing here changes within a process
+    # (TRITON_INTERPRET must be set before the kernels are imported anyway).
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     try:
         import triton  # noqa: F401
     except ImportError as exc:
@@ -128,12 +158,17 @@ def _check_meta(meta: LaunchMeta) -> None:
             raise ValueError(f"meta.{name} must be a non-negative int, got {value!r}")
 
 
+def tf32_enabled() -> bool:
+    """torch's switch for TF32 in fp32 matmuls on CUDA (what the pair's cuBLAS GEMM obeys)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def _numerics(dtype: str, interpret: bool) -> dict:
     """Compile-time numerics switches shared by the three kernels."""
     return {
-        # Exact fp32 for fp32 inputs (torch's fp32 matmul is not TF32 by default); the value
-        # is ignored for fp16/bf16 operands.
-        "INPUT_PRECISION": "ieee" if dtype == "float32" else "tf32",
+        # fp32 inputs: exact fp32 FMA unless torch allows TF32 for fp32 matmuls, so the
+        # shrink/expand round like the cuBLAS base GEMM next to them; ignored for fp16/bf16.
+        "INPUT_PRECISION": "tf32" if dtype != "float32" or tf32_enabled() else "ieee",
         "UPCAST": interpret and dtype == "bfloat16",
     }
 
@@ -142,30 +177,79 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _t_buffer(m: int, width: int, device: torch.device) -> Tensor:
+    """fp32 ``[m, width]`` whose row stride is ``width`` rounded up to 16 (a view of a padded
+    buffer): the ``t`` row stride then always has the 16-divisibility class the pair kernels
+    are compiled and checked for, whatever the capacities (e.g. ``1 x 37``)."""
+    padded = _cdiv(width, 16) * 16
+    return torch.empty((m, padded), dtype=torch.float32, device=device)[:, :width]
+
+
+def _canonical_t(t: Tensor) -> Tensor:
+    if t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    out = _t_buffer(t.shape[0], t.shape[1], t.device)
+    out.copy_(t)
+    return out
+
+
+def _is_canonical(t: Tensor) -> bool:
+    """Contiguous and starting 16-byte aligned: the only layout the kernels are compiled for."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0
+
+
+def canonical(t: Tensor) -> Tensor:
+    """``t`` itself when :func:`_is_canonical`, else a contiguous, aligned copy.
+
+    Triton compiles a variant per divisibility class of every stride and alignment class of
+    every pointer; a padded row stride or a misaligned start would each add one, and the
+    variants without 16-element divisibility are the ones that spilled registers (issue 9,
+    item 8: 48-3776 B/thread in 49 of 60 fused configs at K=N=328). Copying the rare
+    non-canonical input keeps the compiled set to what ``tests/test_triton_aot.py`` checks.
+    Every ``LoRABank`` tensor and every ``x`` a diffusers layer passes is already canonical.
+    """
+    if _is_canonical(t):
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
+
+
 def _row_tiles(m: int, s: int, block_m: int) -> int:
     """Row-tile capacity: sum_s cdiv(rows_s, BM) <= cdiv(M, BM) + S - 1 for any split of M."""
     return _cdiv(m, block_m) + s
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return _cuda_properties(device.index if device.index is not None else 0)[1]
+        return _cuda_properties(_index(device))[1]
     return dispatch.H100.sm_count
 
 
 def _arch(device: torch.device) -> int:
     """The config table to use: 90 from Hopper on, 80 before (the interpreter uses 90)."""
     if device.type == "cuda":
-        major = _cuda_properties(device.index if device.index is not None else 0)[0]
+        major = _cuda_properties(_index(device))[0]
         return 90 if major >= 9 else 80
     return 90
 
 
+def _machine(device: torch.device) -> dispatch.Machine:
+    """Roofline constants of ``device`` (A100/H100/H200 by name; H100 for the interpreter)."""
+    if device.type == "cuda":
+        return dispatch.machine_for(_cuda_properties(_index(device))[2])
+    return dispatch.H100
+
+
 @functools.cache
-def _cuda_properties(index: int) -> tuple[int, int]:
-    """``(major capability, SM count)``: host-side driver queries, no stream sync."""
+def _cuda_properties(index: int) -> tuple[int, int, str]:
+    """``(major capability, SM count, name)``: host-side driver queries, no stream sync."""
     props = torch.cuda.get_device_properties(index)
-    return props.major, props.multi_processor_count
+    return props.major, props.multi_processor_count, props.name
 
 
 def _add_kernel(launch: Launch, kernel, grid: int, args: tuple, consts: dict, opts: dict) -> None:
@@ -214,7 +298,7 @@ def plan_fused(
     args = (
         x, weight, bias, lora_a, lora_bt, slot_start, slot_rank, slot_scale,
         row_ptr, entry_ptr, entry_slot, entry_weight, y,
-        n, k, s, meta.max_entries, meta.max_rank,
+        n, k, s, meta.max_entries, meta.max_rank, slot_rank.numel(), lora_a.shape[0],
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_bt.stride(0), lora_bt.stride(1),
         y.stride(0), y.stride(1),
@@ -255,7 +339,7 @@ def plan_shrink(
     m, k = x.shape
     s = row_ptr.numel() - 1
     width = meta.max_entries * meta.max_rank
-    t = torch.empty((m, width), dtype=torch.float32, device=x.device)
+    t = _t_buffer(m, width, x.device)
     launch = Launch(t)
     if m == 0 or width == 0:
         return launch
@@ -267,7 +351,8 @@ def plan_shrink(
     grid = _row_tiles(m, s, config.block_m) * n_rank_blocks * split_k
     args = (
         x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, t,
-        k, s, meta.max_entries, meta.max_rank, n_rank_blocks, split_k, k_blocks_per_split,
+        k, s, meta.max_entries, meta.max_rank, slot_rank.numel(), lora_a.shape[0],
+        n_rank_blocks, split_k, k_blocks_per_split,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), t.stride(0), t.stride(1),
     )  # fmt: skip
     consts = {
@@ -311,7 +396,7 @@ def plan_expand(
     grid = _row_tiles(m, s, config.block_m) * _cdiv(n, config.block_n)
     args = (
         y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
-        entry_weight, n, s, meta.max_entries, meta.max_rank,
+        entry_weight, n, s, meta.max_entries, meta.max_rank, slot_rank.numel(), lora_bt.shape[0],
         y.stride(0), y.stride(1), t.stride(0), t.stride(1), lora_bt.stride(0), lora_bt.stride(1),
     )  # fmt: skip
     consts = {
@@ -325,6 +410,22 @@ def plan_expand(
     opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     _add_kernel(launch, _lora_expand_kernel, grid, args, consts, opts)
     return launch
+
+
+def choose_plan(
+    x: Tensor, weight: Tensor, meta: LaunchMeta, *, arch: int | None = None
+) -> dispatch.Plan:
+    """:func:`dispatch.choose` for these tensors on their device (``arch`` overrides the GPU
+    generation, for tests and the AOT sweep). Cached per (shapes, capacities, dtype, GPU):
+    no cost model is evaluated per call."""
+    m, k = x.shape
+    n = weight.shape[0]
+    return dispatch.choose(
+        m, n, k, meta.max_rows, meta.max_entries, meta.max_rank, _dtype_name(x),
+        arch=_arch(x.device) if arch is None else arch, sm_count=_sm_count(x.device),
+        machine=_machine(x.device),
+        aligned=k % 16 == 0 and n % 16 == 0 and _is_canonical(weight),
+    )  # fmt: skip
 
 
 def plan_multi_lora_linear(
@@ -357,14 +458,13 @@ def plan_multi_lora_linear(
          "entry_weight": entry_weight},
         _INDEX_DTYPES,
     )  # fmt: skip
-    dtype = _dtype_name(x)
+    _dtype_name(x)  # TypeError naming x for other dtypes
+    x, lora_a, lora_bt = canonical(x), canonical(lora_a), canonical(lora_bt)
+    bias = None if bias is None else canonical(bias)
     m, k = x.shape
     n = weight.shape[0]
     if plan is None:
-        plan = dispatch.choose(
-            m, n, k, meta.max_rows, meta.max_entries, meta.max_rank, dtype,
-            arch=_arch(x.device), sm_count=_sm_count(x.device),
-        )  # fmt: skip
+        plan = choose_plan(x, weight, meta)
     if plan.path == "fused":
         return plan_fused(
             x, weight, bias, lora_a, lora_bt, slot_start, slot_rank, slot_scale,
@@ -414,6 +514,7 @@ def plan_lora_shrink(
          "row_ptr": row_ptr, "entry_ptr": entry_ptr, "entry_slot": entry_slot},
         _INDEX_DTYPES,
     )  # fmt: skip
+    x, lora_a = canonical(x), canonical(lora_a)
     m, k = x.shape
     r_cap = meta.max_entries * meta.max_rank
     if split_k is None:
@@ -441,6 +542,11 @@ def plan_lora_expand(
 ) -> Launch:
     """Checked :func:`plan_expand` with the dispatch table's config unless one is given."""
     _check_meta(meta)
+    if not _is_canonical(y):
+        raise ValueError(
+            "y: the triton expand adds in place into contiguous rows starting 16-byte aligned; "
+            f"got strides {tuple(y.stride())}"
+        )
     _check(
         y,
         {"t": t, "lora_bt": lora_bt, "slot_start": slot_start, "slot_rank": slot_rank,
@@ -448,6 +554,7 @@ def plan_lora_expand(
          "entry_slot": entry_slot, "entry_weight": entry_weight},
         _INDEX_DTYPES,
     )  # fmt: skip
+    lora_bt, t = canonical(lora_bt), _canonical_t(t)
     if config is None:
         config = dispatch.expand_config(y.shape[1], _dtype_name(y, "y"), arch=_arch(y.device))
     return plan_expand(

@@ -46,6 +46,8 @@ from .common import _dot, _expand_block, _rank_columns, _tile_rows
         "S",
         "max_entries",
         "max_rank",
+        "num_slots",
+        "bank_rows",
         "n_rank_blocks",
         "split_k",
         "k_blocks_per_split",
@@ -64,6 +66,8 @@ def _lora_shrink_kernel(
     S,
     max_entries,
     max_rank,
+    num_slots,
+    bank_rows,
     n_rank_blocks,
     split_k,
     k_blocks_per_split,
@@ -102,6 +106,8 @@ def _lora_shrink_kernel(
         None,
         max_entries,
         max_rank,
+        num_slots,
+        bank_rows,
     )
     if block_r * BLOCK_R >= packed:
         return
@@ -133,7 +139,7 @@ def _lora_shrink_kernel(
     tl.atomic_add(t_ptrs, t, mask=mask_m[:, None] & mask_r[None, :], sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["S", "max_entries", "max_rank"])
+@triton.jit(do_not_specialize=["S", "max_entries", "max_rank", "num_slots", "bank_rows"])
 def _lora_expand_kernel(
     y_ptr,
     t_ptr,
@@ -149,6 +155,8 @@ def _lora_expand_kernel(
     S,
     max_entries,
     max_rank,
+    num_slots,
+    bank_rows,
     stride_ym,
     stride_yn,
     stride_tm,
@@ -184,6 +192,8 @@ def _lora_expand_kernel(
         slot_scale_ptr,
         max_entries,
         max_rank,
+        num_slots,
+        bank_rows,
     )
     if packed == 0:
         return  # no LoRA for this sample: y stays as it is
@@ -208,6 +218,8 @@ def _lora_expand_kernel(
             slot_scale_ptr,
             max_entries,
             max_rank,
+            num_slots,
+            bank_rows,
         )
         mask_r = cols < packed
         t_ptrs = t_ptr + rows64[:, None] * stride_tm + t_col.to(tl.int64)[None, :] * stride_tc
