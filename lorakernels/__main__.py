@@ -2,6 +2,7 @@
 
 * ``lorakernels`` or ``lorakernels info``: environment and backend report.
 * ``lorakernels bench [...]``: the benchmark suite (see ``lorakernels bench --help``).
+* ``lorakernels gpu-check [--out DIR] [--dry-run]``: every GPU path and the GPU benchmark.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.cli import main as bench_main
 
         return int(bench_main(argv[1:]) or 0)
+    if argv[0] == "gpu-check":
+        from .gpu_check import main as gpu_check_main
+
+        return int(gpu_check_main(argv[1:]) or 0)
     if argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
