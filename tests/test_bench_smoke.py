@@ -168,7 +168,6 @@ def test_list_names_every_workload(capsys):
 
 @pytest.mark.slow
 def test_unet_smoke_step():
-    pytest.importorskip("diffusers")
     from lorakernels.bench.unet import UNetWorkload, run_unet
 
     rec = run_unet(UNetWorkload(model="tiny", latent=8, prompts=2, adapters=2, repeats=1), CPU)

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import copy
 
+import diffusers  # noqa: F401  ([dev] installs it: a broken install fails, not skips)
+import peft  # noqa: F401  ([dev] installs it: a broken install fails, not skips)
 import pytest
 import torch
-
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-
-from lora_files import (  # noqa: E402
+from lora_files import (
     CROSS_DIM,
     attnprocs_state_dict,
     diffusers_lora_state_dict,
@@ -26,7 +24,7 @@ from lora_files import (  # noqa: E402
     tiny_sdxl_unet,
 )
 
-from lorakernels.integrations.diffusers import DiffusersLoRA, generate, patch  # noqa: E402
+from lorakernels.integrations.diffusers import DiffusersLoRA, generate, patch
 
 SPELLINGS = {
     "kohya": lambda layers, unet: kohya_state_dict(layers),

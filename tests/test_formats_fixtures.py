@@ -40,7 +40,6 @@ def fixtures() -> Path:
 
 @pytest.fixture(scope="module")
 def sd15_modules():
-    pytest.importorskip("diffusers")
     return {"unet": lf.module_names(lf.tiny_sd15_unet())}
 
 
@@ -69,7 +68,6 @@ def test_real_sd15_files_load(name, fixtures, sd15_modules):
 
 
 def test_real_files_agree_with_diffusers_converter(fixtures, sd15_modules):
-    pytest.importorskip("diffusers")
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
     from safetensors.torch import load_file
 
