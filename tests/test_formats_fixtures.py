@@ -20,8 +20,6 @@ from lorakernels.formats import (
     read_lora_file,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-
 # name -> (format, dtype, parameters, base model read from the cross-attention width)
 GOOD = {
     "sd15_attnprocs_pokemon": ("diffusers_attnprocs", torch.float32, 797_184, "sd1"),
@@ -32,10 +30,8 @@ GOOD = {
 
 
 @pytest.fixture(scope="module")
-def fixtures() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"real LoRA fixtures not found at {FIXTURES}")
-    return FIXTURES
+def fixtures(fixtures_dir) -> Path:
+    return fixtures_dir
 
 
 @pytest.fixture(scope="module")
