@@ -165,6 +165,11 @@ def _spread_cell(v: float | None) -> str:
     return f"{100 * v:.0f}%" + (" !" if v > NOISY_SPREAD else "")
 
 
+def _noisy_mark(rec: dict) -> str:
+    v = spread(rec)
+    return f" ! spread {100 * v:.0f}%" if v is not None and v > NOISY_SPREAD else ""
+
+
 def noisy_rows(doc: dict) -> tuple[int, int]:
     """(rows whose base/ours repeats spread above NOISY_SPREAD, rows with a spread)."""
     vals = [spread(r) for r in doc.get("layer", []) + doc.get("model", [])]
@@ -454,7 +459,9 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
         groups.setdefault((w["suite"], w["dtype"]), []).append(rec)
     for (suite, dtype), recs in groups.items():
         names = ["ours", *LAYER_BASELINES]
-        labels = [f"{r['workload']['label']}\n{_config(r['workload'])}" for r in recs]
+        labels = [
+            f"{r['workload']['label']}\n{_config(r['workload'])}{_noisy_mark(r)}" for r in recs
+        ]
         path = out_dir / f"layer_{suite}_{dtype}.png"
         _bars(plt, recs, names, labels, colors, path,
               f"{SUITE_TITLES.get(suite, suite)} — {dtype}{shrunk}\n"
@@ -463,7 +470,8 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
         written.append(path)
     if doc.get("model"):
         recs = doc["model"]
-        labels = [f"{r['workload']['label']}\nbatch {r['workload']['batch']}" for r in recs]
+        labels = [f"{r['workload']['label']}\nbatch {r['workload']['batch']}{_noisy_mark(r)}"
+                  for r in recs]  # fmt: skip
         path = out_dir / "model_unet.png"
         _bars(plt, recs, ["ours", "base_grouped", "peft", "fused"], labels, colors, path,
               f"UNet step time / base step time{shrunk}\n{doc['provenance']['device_name']}",
