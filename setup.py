@@ -141,4 +141,8 @@ class NativeDistribution(Distribution):
         return plan().build
 
 
+# ``lorakernels/_lib`` holds only build outputs (git ignores it). It must exist before setuptools
+# discovers packages, so that it is found as the package ``lorakernels._lib`` that its files
+# belong to; a fresh clone lacks it and setuptools then warns that the package is absent.
+(ROOT / "lorakernels" / "_lib").mkdir(exist_ok=True)
 setup(cmdclass={"build_py": BuildPyWithNative}, distclass=NativeDistribution)

@@ -1,8 +1,8 @@
 """Command line: ``lorakernels`` / ``python -m lorakernels``.
 
-* ``lorakernels`` or ``lorakernels info``: environment and backend report.
-* ``lorakernels bench [...]``: the benchmark suite (see ``lorakernels bench --help``).
-* ``lorakernels gpu-check [--out DIR] [--dry-run]``: every GPU path and the GPU benchmark.
+:data:`COMMANDS` maps each subcommand to ``(module, function, one-line help)``; the function
+takes the remaining arguments and returns the exit status. ``--help`` prints :data:`USAGE`
+(plain text, built from that table), ``--version`` the package version.
 """
 
 from __future__ import annotations
@@ -54,24 +54,61 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def _info_main(argv: list[str]) -> int:
+    if argv:
+        print(f"lorakernels info: unexpected arguments {argv}", file=sys.stderr)
+        return 2
+    print(info())
+    return 0
+
+
+# subcommand: (module relative to this package, function, one-line help). Add one line per
+# subcommand; the function gets the remaining arguments and returns the exit status.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "info": ("__main__", "_info_main", "versions, devices, and which backends can run here"),
+    "bench": ("bench.cli", "main", "the benchmark suite (lorakernels bench --help)"),
+    "gpu-check": ("gpu_check", "main", "every GPU path and the GPU benchmark (make gpu-check)"),
+}
+
+
+def usage() -> str:
+    """The plain-text top-level help."""
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: lorakernels [--version] [-h] [COMMAND [ARGS...]]",
+        "",
+        "Many LoRA adapters in one pass, per sample, without merging weights.",
+        "",
+        "commands:",
+        *(f"  {name:{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()),
+        "",
+        "Without a command: the same as `lorakernels info`.",
+        "`lorakernels COMMAND --help` describes a command's options.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("info", "--info"):
-        print(info())
+    if not argv:
+        argv = ["info"]
+    cmd, rest = argv[0], argv[1:]
+    if cmd in ("-h", "--help", "help"):
+        print(usage())
         return 0
-    if argv[0] == "bench":
-        from .bench.cli import main as bench_main
+    if cmd in ("-V", "--version"):
+        from . import __version__
 
-        return int(bench_main(argv[1:]) or 0)
-    if argv[0] == "gpu-check":
-        from .gpu_check import main as gpu_check_main
-
-        return int(gpu_check_main(argv[1:]) or 0)
-    if argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(f"lorakernels {__version__}")
         return 0
-    print(f"unknown command {argv[0]!r}\n{__doc__}", file=sys.stderr)
-    return 2
+    if cmd == "--info":  # kept for scripts written against 0.1
+        cmd = "info"
+    if cmd not in COMMANDS:
+        print(f"lorakernels: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[cmd]
+    fn = getattr(importlib.import_module(f".{module}", __package__ or "lorakernels"), func)
+    return int(fn(rest) or 0)
 
 
 if __name__ == "__main__":

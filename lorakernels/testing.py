@@ -10,12 +10,22 @@
   sample; a test checks that the two agree.
 * :func:`tolerance` derives an absolute tolerance from what plain PyTorch achieves in the
   same dtype, so a test never hard-codes ``atol=1e-2`` for bf16.
+* :func:`rounding_tolerance` is the tighter bound for fp16/bf16: what plain PyTorch achieves
+  computing in float32 from the same half-precision inputs and rounding once (the numerics
+  the kernels promise), so a lost LoRA term cannot hide inside bf16's coarse ulp.
+* :func:`lora_moves` is the per-sample size of the LoRA term, for "the LoRA is visible above
+  the tolerance" guards: a test whose tolerance exceeds a sample's LoRA term cannot notice
+  that sample's LoRA vanishing.
+* :func:`stable_seed` turns test parameters into a seed that is the same in every process
+  (``hash()`` of a tuple with strings changes with ``PYTHONHASHSEED``, so a failure drawn from
+  it could not be reproduced).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +49,11 @@ class Problem:
     batch: LoRABatch
     adapters: dict[int, tuple[Tensor, Tensor, float]]  # slot -> (A [r,K], B [N,r], scale), fp64
     mixtures: list[dict[int, float]]
+
+
+def stable_seed(*parts: object, modulus: int = 2**31 - 1) -> int:
+    """A seed derived from ``repr(parts)`` by CRC-32: identical across processes and runs."""
+    return zlib.crc32(repr(parts).encode()) % modulus
 
 
 def draw_assignment(
@@ -190,6 +205,59 @@ def tolerance(problem: Problem, oracle: Tensor, factor: float = 4.0) -> float:
     eps = torch.finfo(problem.x.dtype).eps
     floor = 4 * eps * float(oracle.abs().max().clamp_min(1.0))
     return factor * max(plain_torch_error(problem, oracle), floor)
+
+
+def _row_bounds(problem: Problem, m: int) -> list[tuple[int, int]]:
+    if problem.batch.rows_per_sample is None:
+        per = m // problem.batch.num_samples
+        return [(s * per, (s + 1) * per) for s in range(problem.batch.num_samples)]
+    acc, out = 0, []
+    for r in problem.batch.rows_per_sample:
+        out.append((acc, acc + r))
+        acc += r
+    return out
+
+
+def single_rounding_error(problem: Problem, oracle: Tensor) -> float:
+    """Max abs error of plain PyTorch computing in float32 from the dtype's inputs, then
+    rounding once to the dtype: the best a kernel with fp32 accumulation, an fp32 rank
+    intermediate and one final rounding can do (the semantics of DESIGN.md section 1)."""
+    dt = problem.x.dtype
+    x = problem.x.float().cpu()
+    y = x @ problem.weight.float().cpu().T
+    if problem.bias is not None:
+        y = y + problem.bias.float().cpu()
+    for (r0, r1), mix in zip(_row_bounds(problem, x.shape[0]), problem.mixtures, strict=True):
+        for slot, w in mix.items():
+            a, b, scale = problem.adapters[slot]
+            a32, b32 = a.to(dt).float(), b.to(dt).float()  # the bank holds them in the dtype
+            y[r0:r1] += (_f32(w) * _f32(scale)) * ((x[r0:r1] @ a32.T) @ b32.T)
+    return float((y.to(dt).double() - oracle).abs().max())
+
+
+def rounding_tolerance(problem: Problem, oracle: Tensor, factor: float = 3.0) -> float:
+    """``factor`` x :func:`single_rounding_error`, floored at half an ulp of ``max |y|``.
+
+    For bf16 at SD widths this is ~1 % of ``max |y|`` where :func:`tolerance` (which lets
+    plain torch round the rank intermediate, and floors at 4 ulps) allows ~12 %: enough for a
+    whole sample's LoRA term to vanish unnoticed at 320x320 and 768x320."""
+    eps = torch.finfo(problem.x.dtype).eps
+    floor = 0.5 * eps * float(oracle.abs().max())
+    return factor * max(single_rounding_error(problem, oracle), floor)
+
+
+def lora_moves(problem: Problem, oracle: Tensor) -> list[float | None]:
+    """Per sample: max ``|oracle - (x W^T + b)|`` over its rows, or ``None`` for a sample
+    with no rows or no non-zero mixture entry (nothing a kernel could drop)."""
+    x64 = problem.x.double().cpu()
+    base = x64 @ problem.weight.double().cpu().T
+    if problem.bias is not None:
+        base = base + problem.bias.double().cpu()
+    out: list[float | None] = []
+    for (r0, r1), mix in zip(_row_bounds(problem, x64.shape[0]), problem.mixtures, strict=True):
+        live = r1 > r0 and any(w != 0 for w in mix.values())
+        out.append(float((oracle[r0:r1] - base[r0:r1]).abs().max()) if live else None)
+    return out
 
 
 def poisoned_like(t: Tensor) -> Tensor:

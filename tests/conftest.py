@@ -1,17 +1,29 @@
-"""Shared fixtures: the real LoRA files beside the repository, when present."""
+"""Shared fixtures: the real LoRA files beside the repository, when present.
+
+They live in ``../shared/fixtures`` (or wherever ``LORAKERNELS_FIXTURES`` points); the README's
+"Tests" section says where each file comes from.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(
+    os.environ.get("LORAKERNELS_FIXTURES")
+    or Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+)
+MISSING = (
+    f"real LoRA fixtures not found at {FIXTURES} (set LORAKERNELS_FIXTURES; the README's "
+    "Tests section lists the files and where to get them)"
+)
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """``../shared/fixtures`` (real files made outside the project); skip when absent."""
+    """The real-file fixtures folder (made outside the project); skip when absent."""
     if not FIXTURES.is_dir():
-        pytest.skip(f"real LoRA fixtures not found at {FIXTURES}")
+        pytest.skip(MISSING)
     return FIXTURES

@@ -168,7 +168,6 @@ def test_list_names_every_workload(capsys):
 
 @pytest.mark.slow
 def test_unet_smoke_step():
-    pytest.importorskip("diffusers")
     from lorakernels.bench.unet import UNetWorkload, run_unet
 
     rec = run_unet(UNetWorkload(model="tiny", latent=8, prompts=2, adapters=2, repeats=1), CPU)
@@ -176,3 +175,63 @@ def test_unet_smoke_step():
         assert "skipped" not in rec["providers"][name]
         assert rec["providers"][name]["median_ms"] > 0
     assert rec["ideal"] > 1.0
+
+
+# ---------------------------------------------------------------------- report layout
+def _fake_layer(dtype: str, ours_spread: float, ours_ms: float = 1.2) -> dict:
+    def prov(ms: float, spread: float = 0.05) -> dict:
+        return {"median_ms": ms, "spread": spread, "times_ms": [ms] * 5}
+
+    w = {
+        "suite": "layer", "key": f"k|{dtype}|{ours_spread}", "label": "down0 img (4096,320,320)",
+        "ranks": [16], "samples": 16, "adapters": 8, "mixture": 1, "popularity": "distinct",
+        "frac_empty": 0.0, "dtype": dtype, "ideal": 1.1,
+    }  # fmt: skip
+    provs = {"base": prov(1.0), "ours": prov(ours_ms, ours_spread), "merge": prov(1.5),
+             "fuse": prov(2.0), "peft": prov(3.0), "loop": prov(4.0)}  # fmt: skip
+    if dtype != "fp32":
+        provs["base32"] = prov(2.0)
+    return {"workload": w, "providers": provs}
+
+
+def test_table_is_narrow_by_default_with_a_legend_and_wide_on_request():
+    doc = {"mode": "quick", "notes": [], "model": [],
+           "layer": [_fake_layer("fp32", 0.05), _fake_layer("bf16", 0.6, ours_ms=1.1)]}  # fmt: skip
+    narrow = report.text_report(doc)
+    wide = report.text_report(doc, wide=True)
+    table = narrow.split("\n\n")[0].splitlines()
+    assert max(map(len, table)) <= 130, "the default table must fit a terminal"
+    assert "legend" in narrow and "--wide" in narrow
+    for col in ("merge/base", "fuse/base", "ours/loop", "ours/base32", "target vs base32"):
+        assert col not in table[1] and col in wide
+    assert " NO" not in narrow and " NO" not in wide  # no cell that reads as a failure
+    assert "+0.05 over" in table[3] and "met" in table[4]  # 1.2 vs 1.15; 1.1 <= 1.15
+    assert table[3].endswith("5%") and table[4].endswith("60% !")  # the noisy row is marked
+    assert "1 of 2 rows spread" in narrow
+
+
+def test_plot_ticks_do_not_crowd_and_quick_plots_say_so(tmp_path, monkeypatch):
+    ticks = report._log_ticks(0.008, 60.0)
+    gaps = [b / a for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert 1 in ticks and min(gaps) >= (60 / 0.008) ** (1 / 9) * 0.999
+    titles = []
+    monkeypatch.setattr(report, "_bars", lambda *a, **k: titles.append(a[6]))
+    doc = {"mode": "quick", "provenance": {"device_name": "cpu", "threads": 2},
+           "layer": [_fake_layer("bf16", 0.1)], "model": []}  # fmt: skip
+    report.plot(doc, tmp_path)
+    assert titles and all("QUICK MODE" in t for t in titles)
+
+
+def test_settle_load_waits_then_picks_threads_and_warns_only_when_busy(monkeypatch):
+    from lorakernels.bench import timing
+
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+    monkeypatch.setattr(timing, "busy_cpus", lambda: 0.3)  # an idle-ish 2-core machine
+    quiet = timing.settle_load(5, verbose=False)
+    assert quiet.threads is None and quiet.note is None
+    readings = iter([1.9, 1.6, 1.6] + [1.6] * 10_000)
+    monkeypatch.setattr(timing, "busy_cpus", lambda: next(readings))
+    busy = timing.settle_load(0.0, verbose=False)
+    assert busy.threads == 1 and "1.9 of 2 CPUs" in busy.note
+    assert timing.settle_load(0.0, threads=2, verbose=False).threads == 2  # --threads wins

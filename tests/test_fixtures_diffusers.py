@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import copy
 
+import diffusers  # noqa: F401  ([dev] installs it: a broken install fails, not skips)
+import peft  # noqa: F401  ([dev] installs it: a broken install fails, not skips)
 import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-
-from lorakernels import MultiLoRA  # noqa: E402
-from lorakernels.formats import LoRAFormatError, load_lora  # noqa: E402
-from lorakernels.integrations.diffusers import DiffusersLoRA  # noqa: E402
+from lorakernels import MultiLoRA
+from lorakernels.formats import LoRAFormatError, load_lora
+from lorakernels.integrations.diffusers import DiffusersLoRA
 
 SD15 = dict(
     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,

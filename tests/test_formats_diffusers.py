@@ -19,28 +19,26 @@ import json
 import math
 import re
 
+import diffusers  # noqa: F401  ([dev] installs it: a broken install fails, not skips)
+import lora_files as lf
+import peft  # noqa: F401  ([dev] installs it: a broken install fails, not skips)
 import pytest
 import torch
-
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-
-import lora_files as lf  # noqa: E402
-from diffusers.loaders import (  # noqa: E402
+from diffusers.loaders import (
     StableDiffusionLoraLoaderMixin,
     StableDiffusionXLLoraLoaderMixin,
 )
-from diffusers.loaders.lora_conversion_utils import (  # noqa: E402
+from diffusers.loaders.lora_conversion_utils import (
     _convert_non_diffusers_lora_to_diffusers,
     _maybe_map_sgm_blocks_to_diffusers,
 )
-from diffusers.utils.state_dict_utils import (  # noqa: E402
+from diffusers.utils.state_dict_utils import (
     convert_state_dict_to_diffusers,
     convert_state_dict_to_peft,
     convert_unet_state_dict_to_peft,
 )
 
-from lorakernels.formats import load_lora  # noqa: E402
+from lorakernels.formats import load_lora
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 

@@ -20,8 +20,6 @@ from lorakernels.formats import (
     read_lora_file,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-
 # name -> (format, dtype, parameters, base model read from the cross-attention width)
 GOOD = {
     "sd15_attnprocs_pokemon": ("diffusers_attnprocs", torch.float32, 797_184, "sd1"),
@@ -32,15 +30,12 @@ GOOD = {
 
 
 @pytest.fixture(scope="module")
-def fixtures() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"real LoRA fixtures not found at {FIXTURES}")
-    return FIXTURES
+def fixtures(fixtures_dir) -> Path:
+    return fixtures_dir
 
 
 @pytest.fixture(scope="module")
 def sd15_modules():
-    pytest.importorskip("diffusers")
     return {"unet": lf.module_names(lf.tiny_sd15_unet())}
 
 
@@ -69,7 +64,6 @@ def test_real_sd15_files_load(name, fixtures, sd15_modules):
 
 
 def test_real_files_agree_with_diffusers_converter(fixtures, sd15_modules):
-    pytest.importorskip("diffusers")
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
     from safetensors.torch import load_file
 

@@ -118,7 +118,6 @@ def test_sgm_names(body, layout, expected):
 
 
 def test_sgm_kohya_for_sd1_layout_matches_ground_truth(tmp_path):
-    pytest.importorskip("diffusers")
     import lora_files as lf
 
     unet = lf.tiny_sd15_unet()

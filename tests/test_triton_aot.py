@@ -35,10 +35,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-
-triton = pytest.importorskip("triton")
-
 import torch  # noqa: E402
+import triton  # noqa: E402  ([dev] installs it: a broken install fails, not skips)
 
 from lorakernels.kernels import LaunchMeta  # noqa: E402
 from lorakernels.kernels.triton import dispatch  # noqa: E402

@@ -30,10 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("triton")
-
 import torch  # noqa: E402
+import triton  # noqa: E402, F401  ([dev] installs it: a broken install fails, not skips)
 from torch import Tensor  # noqa: E402
 
 from lorakernels.kernels import BankTensors, BatchTensors, LaunchMeta, LoRAArgs, reference  # noqa: E402

@@ -1,17 +1,22 @@
-"""``lorakernels bench``: run the benchmark suite, print tables, write JSON + PNG plots.
+"""lorakernels bench: run the benchmark suite, print tables, write JSON + PNG plots.
 
-Modes (suites run by default; ``--suite`` overrides):
+Modes (suites run by default; --suite overrides):
 
-* ``--quick`` (< 2 minutes on 2 CPU cores): the SD1.5 layer table with image rows per sample
-  divided by 4, fp32 and bf16; the UNet step on ``sd15-small`` (SD1.5 topology, 5x narrower)
-  at 16x16 latents. Numbers are indicative; the table says what was shrunk.
-* default (no flag): the SD1.5 layer table at full size; the real SD1.5 UNet at 16x16 latents.
-* ``--full``: the layer table, the shapes suite (SD1.5 feed-forward, SD2, SDXL), the sweeps
-  (samples, adapters, popularity, ranks, mixtures, rows without adapter), every explicit
-  backend, and the SD1.5 UNet at 16/32 (both adapter configurations) and 64 (attention-only).
-* ``--smoke``: tiny workloads that exercise every path in seconds (CI, tests).
+  --quick    (< 2 minutes on 2 CPU cores) the SD1.5 layer table with image rows per sample
+             divided by 4, fp32 and bf16; the UNet step on sd15-small (SD1.5 topology, 5x
+             narrower) at 16x16 latents. Numbers are indicative; the table says what shrank.
+  (none)     the SD1.5 layer table at full size; the real SD1.5 UNet at 16x16 latents.
+  --full     the layer table, the shapes suite (SD1.5 feed-forward, SD2, SDXL), the sweeps
+             (samples, adapters, popularity, ranks, mixtures, rows without adapter), every
+             explicit backend, and the SD1.5 UNet at 16/32 (both adapter configurations) and
+             64 (attention-only).
+  --smoke    tiny workloads that exercise every path in seconds (CI, tests).
 
-``--compare old.json new.json`` prints ``new / old`` per workload and provider.
+The terminal table shows the main columns and a legend; --wide shows every column (the JSON
+and --markdown always hold all of them). Before timing, the run waits a few seconds for other
+processes to leave the CPUs and, if they stay, uses fewer torch threads (--threads overrides).
+
+--compare old.json new.json prints new / old per workload and provider.
 Exit status: 0, or 1 when a provider failed its correctness check (it is then not timed).
 """
 
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 import time
 from dataclasses import replace
@@ -30,10 +34,12 @@ import torch
 from . import report
 from .providers import PROVIDER_NAMES, layer_providers
 from .runner import run_layer
-from .timing import TimingConfig
+from .timing import TimingConfig, settle_load
 from .unet import default_unet_workloads, run_unet
 from .workloads import DTYPES, layer_suite, shapes_suite, smoke_suite, sweep_suite
 
+# seconds a run waits for other processes to leave the CPUs before it starts timing
+SETTLE_S = {"smoke": 0.0, "quick": 10.0, "default": 20.0, "full": 30.0}
 MODES = {
     # mode: (suites, layer row divisor, timing, all explicit backends)
     "smoke": (("layer", "unet"), 1, TimingConfig(repeats=1, warmup=1, min_sample_s=0.0), False),
@@ -84,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="results file (default: OUT/results.json)")
     p.add_argument("--markdown", type=Path, help="write/refresh a RESULTS.md (its plots and "
                    "JSON go to a results/ folder beside it)")  # fmt: skip
+    p.add_argument("--wide", action="store_true", help="every column in the terminal tables")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
@@ -131,22 +138,6 @@ def _devices(names: list[str] | None) -> list[torch.device]:
             raise ValueError("--device cuda: torch.cuda.is_available() is False on this machine")
         out.append(torch.device(n))
     return out
-
-
-def _busy_note() -> str | None:
-    """A warning when other processes already load the CPU (their work skews every ratio)."""
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-    if load < 0.5:
-        return None
-    return (
-        f"the machine was busy when the run started (1-minute load average {load:.1f} on "
-        f"{os.cpu_count()} CPUs): timings are noisy, and with more than one torch thread "
-        "OpenMP barriers wait on descheduled threads, which inflates small ops many times; "
-        "rerun on a quiet machine (or with --threads 1)"
-    )
 
 
 def plan(args: argparse.Namespace, device: torch.device) -> tuple[list, list, list[str]]:
@@ -231,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    load = settle_load(SETTLE_S[mode], threads=args.threads)
+    if load.threads is not None:
+        torch.set_num_threads(load.threads)
     _, _, timing, all_backends = MODES[mode]
     if args.repeats:
         timing = replace(timing, repeats=args.repeats)
@@ -243,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         "layer": [],
         "model": [],
     }
-    busy = _busy_note()
-    if busy:
-        print(f"warning: {busy}", file=sys.stderr)
-        doc["notes"].append(busy)
+    doc["provenance"]["load"] = load.as_dict()
+    if load.note:
+        print(f"warning: {load.note}", file=sys.stderr)
+        doc["notes"].append(load.note)
     total = sum(len(layer) + len(unet) for _, layer, unet, _ in plans)
     progress = Progress(total)
     t0 = time.perf_counter()
@@ -269,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.close()
     report.finish_provenance(doc)
     doc["provenance"]["wall_s"] = round(time.perf_counter() - t0, 1)
-    print(report.text_report(doc))
+    print(report.text_report(doc, wide=args.wide))
 
     out_dir = args.out
     json_path = args.json or out_dir / "results.json"

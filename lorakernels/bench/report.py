@@ -17,14 +17,18 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from .timing import NOISY_SPREAD
 
 SCHEMA = "lorakernels-bench/1"
 BEGIN = "<!-- BEGIN GENERATED: lorakernels bench (do not edit by hand; regenerate) -->"
@@ -137,60 +141,154 @@ def _config(w: dict) -> str:
     return out
 
 
-def layer_rows(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the layer table (one row per workload and dtype)."""
+def _target(ratio_: float | None, line: float | None) -> str:
+    """``met`` when ``ratio_ <= line``, else how far above the line (never a bare "NO")."""
+    if ratio_ is None or line is None:
+        return "—"
+    return "met" if ratio_ <= line else f"+{ratio_ - line:.2f} over"
+
+
+def spread(rec: dict, names: Sequence[str] = ("base", "ours")) -> float | None:
+    """The larger repeat spread ((max - min) / median) of ``names`` in ``rec``; ``None``
+    when fewer than 2 repeats were taken (nothing to spread)."""
+    vals = []
+    for n in names:
+        p = rec["providers"].get(n, {})
+        if p.get("spread") is not None and len(p.get("times_ms", ())) >= 2:
+            vals.append(p["spread"])
+    return max(vals) if vals else None
+
+
+def _spread_cell(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{100 * v:.0f}%" + (" !" if v > NOISY_SPREAD else "")
+
+
+def _noisy_mark(rec: dict) -> str:
+    v = spread(rec)
+    return f" ! spread {100 * v:.0f}%" if v is not None and v > NOISY_SPREAD else ""
+
+
+def noisy_rows(doc: dict) -> tuple[int, int]:
+    """(rows whose base/ours repeats spread above NOISY_SPREAD, rows with a spread)."""
+    vals = [spread(r) for r in doc.get("layer", []) + doc.get("model", [])]
+    vals = [v for v in vals if v is not None]
+    return sum(v > NOISY_SPREAD for v in vals), len(vals)
+
+
+def layer_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the layer table (one row per workload and dtype).
+
+    ``wide=False``: the columns a first reader needs (see :func:`legend`)."""
     half = any(r["workload"]["dtype"] != "fp32" for r in records)
-    head = ["layer (T,K,N)", "config", "dtype", "base ms", "ours/base", "ideal", "≤ ideal+0.05"]
-    if half:
-        head.append("ours/base32")
-    head += [f"{b}/base" for b in LAYER_BASELINES] + [f"ours/{b}" for b in LAYER_BASELINES]
+    head = ["layer (T,K,N)", "config", "dtype", "base ms", "ours/base", "ideal", "target"]
+    if wide:
+        if half:
+            head += ["ours/base32", "target vs base32"]
+        head += [f"{b}/base" for b in LAYER_BASELINES] + [f"ours/{b}" for b in LAYER_BASELINES]
+    else:
+        head += ["ours/merge", "ours/peft"]
+    head.append("spread")
     rows = []
     for rec in records:
         w = rec["workload"]
         ob = ratio(rec, "ours", "base")
-        target = "—" if ob is None else ("yes" if ob <= w["ideal"] + _MARGIN else "NO")
-        o32 = ratio(rec, "ours", "base32")
-        if o32 is not None:  # half precision: also say it against the float32-upcast floor
-            target += "; vs base32 " + ("yes" if o32 <= w["ideal"] + _MARGIN else "NO")
         row = [
             w["label"], _config(w), w["dtype"], _fmt(median(rec, "base"), 1), _fmt(ob),
-            _fmt(w["ideal"]), target,
+            _fmt(w["ideal"]), _target(ob, w["ideal"] + _MARGIN),
         ]  # fmt: skip
-        if half:
-            row.append(_fmt(ratio(rec, "ours", "base32")))
-        row += [_fmt(ratio(rec, b, "base")) for b in LAYER_BASELINES]
-        row += [_fmt(ratio(rec, "ours", b)) for b in LAYER_BASELINES]
+        if wide:
+            if half:
+                o32 = ratio(rec, "ours", "base32")
+                row += [_fmt(o32), _target(o32, w["ideal"] + _MARGIN)]
+            row += [_fmt(ratio(rec, b, "base")) for b in LAYER_BASELINES]
+            row += [_fmt(ratio(rec, "ours", b)) for b in LAYER_BASELINES]
+        else:
+            row += [_fmt(ratio(rec, "ours", "merge")), _fmt(ratio(rec, "ours", "peft"))]
+        row.append(_spread_cell(spread(rec)))
         rows.append(row)
     return head, rows
 
 
-def model_rows(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
-    head = [
-        "UNet", "latent", "adapters", "base s", "ours/base", "ideal", "≤ 1.05 ideal",
-        "grouped base/base", "peft/base", "fused/base", "ours/peft", "ours/fused",
-        "peak MB base/ours/peft/fused",
-    ]  # fmt: skip
+def model_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], list[list[str]]]:
+    head = ["UNet", "latent", "adapters", "base s", "ours/base", "ideal", "target"]
+    if wide:
+        head += [
+            "grouped base/base", "peft/base", "fused/base", "ours/peft", "ours/fused",
+            "peak MB base/ours/peft/fused",
+        ]  # fmt: skip
+    else:
+        head += ["ours/peft", "ours/fused"]
+    head.append("spread")
     rows = []
     for rec in records:
         w = rec["workload"]
         ob = ratio(rec, "ours", "base")
         ideal = rec.get("ideal")
-        target = "—"
-        if ob is not None and ideal is not None:
-            target = "yes" if ob <= _MODEL_MARGIN * ideal else "NO"
         base = median(rec, "base")
-        peaks = []
-        for name in ("base", "ours", "peft", "fused"):
-            p = rec["providers"].get(name, {})
-            peaks.append("—" if p.get("peak_mb") is None else f"{p['peak_mb']:.0f}")
-        rows.append([
+        row = [
             w["model"], f"{w['latent']}²", w["adapter_config"],
-            _fmt(None if base is None else base / 1e3, 2), _fmt(ob), _fmt(ideal, 3), target,
-            _fmt(ratio(rec, "base_grouped", "base")), _fmt(ratio(rec, "peft", "base")),
-            _fmt(ratio(rec, "fused", "base")), _fmt(ratio(rec, "ours", "peft")),
-            _fmt(ratio(rec, "ours", "fused")), "/".join(peaks),
-        ])  # fmt: skip
+            _fmt(None if base is None else base / 1e3, 2), _fmt(ob), _fmt(ideal, 3),
+            _target(ob, None if ideal is None else _MODEL_MARGIN * ideal),
+        ]  # fmt: skip
+        if wide:
+            peaks = []
+            for name in ("base", "ours", "peft", "fused"):
+                p = rec["providers"].get(name, {})
+                peaks.append("—" if p.get("peak_mb") is None else f"{p['peak_mb']:.0f}")
+            row += [
+                _fmt(ratio(rec, "base_grouped", "base")), _fmt(ratio(rec, "peft", "base")),
+                _fmt(ratio(rec, "fused", "base")), _fmt(ratio(rec, "ours", "peft")),
+                _fmt(ratio(rec, "ours", "fused")), "/".join(peaks),
+            ]  # fmt: skip
+        else:
+            row += [_fmt(ratio(rec, "ours", "peft")), _fmt(ratio(rec, "ours", "fused"))]
+        row.append(_spread_cell(spread(rec)))
+        rows.append(row)
     return head, rows
+
+
+def legend(doc: dict, wide: bool = False) -> str:
+    """What the columns mean (printed under the terminal tables and in RESULTS.md)."""
+    has_model = bool(doc.get("model"))
+    entries = [
+        ("layer (T,K,N)", "T rows per sample, K in-features, N out-features"),
+        ("config", "S samples, L adapters, r rank(s), mixN adapters per sample, popularity, "
+         "% of samples without an adapter"),
+        ("base ms, base s", "the layer (or UNet step) without any LoRA: the floor"),
+        ("ours/base", "our time / base time; 1.00 would be LoRA for free"),
+        ("ideal", "ours/base if time grew with FLOPs: (base + LoRA FLOPs) / base FLOPs"),
+        ("target", f"'met' when ours/base <= ideal + {_MARGIN}"
+         + (f" (UNet: <= {_MODEL_MARGIN} x ideal)" if has_model else "")
+         + "; otherwise how far above that line"),
+        ("ours/merge", "vs merged weights precomputed per mixture, one GEMM per group "
+         "(merging's best case)"),
+    ]  # fmt: skip
+    if wide:
+        entries += [
+            ("ours/fuse", "vs W += delta, GEMM, W restored, per group (switch cost counted)"),
+            ("ours/loop", "vs a per-adapter loop of plain torch ops"),
+            ("X/base", "a baseline's own time / base time"),
+            ("ours/base32", "(fp16/bf16) vs the base GEMM in float32: the floor on a CPU "
+             "without native half-precision GEMMs"),
+        ]  # fmt: skip
+    entries.append(("ours/peft", "vs PEFT's mixed batch (layer: adapter_names; UNet: "
+                    "set_adapters per sub-batch)"))  # fmt: skip
+    if has_model:
+        entries.append(("ours/fused", "vs fuse_lora / unfuse_lora around each sub-batch"))
+    entries += [
+        ("spread", "(max - min) / median of the repeats of base and ours, the larger; "
+         f"! above {100 * NOISY_SPREAD:.0f} %: noisy, rerun on a quiet machine"),
+        ("—", "not measured (not applicable, unavailable, failed its check, or 1 repeat)"),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in entries) + 2
+    lines = ["legend (ratios divide two medians measured side by side; < 1: left is faster):"]
+    for key, text in entries:
+        wrapped = textwrap.wrap(text, 98 - width)
+        lines.append(f"  {key:<{width}}{wrapped[0]}")
+        lines += [" " * (width + 2) + w for w in wrapped[1:]]
+    return "\n".join(lines)
 
 
 def _text_table(head: list[str], rows: list[list[str]]) -> str:
@@ -239,16 +337,30 @@ def problems(doc: dict) -> list[str]:
     return out
 
 
-def text_report(doc: dict) -> str:
-    """The terminal report: one table per suite, then the model level."""
+def _noisy_note(doc: dict) -> list[str]:
+    noisy, total = noisy_rows(doc)
+    if not noisy:
+        return []
+    return [
+        f"{noisy} of {total} rows spread by more than {100 * NOISY_SPREAD:.0f} % between "
+        "repeats (marked !): their ratios are not trustworthy; rerun on a quiet machine"
+    ]
+
+
+def text_report(doc: dict, wide: bool = False) -> str:
+    """The terminal report: one table per suite, then the model level, the legend, notes.
+
+    ``wide=False`` shows the main columns only (fits ~130 columns); ``wide=True`` all."""
     parts = []
     for suite, recs in _suites(doc):
-        head, rows = layer_rows(recs)
+        head, rows = layer_rows(recs, wide)
         parts.append(f"{SUITE_TITLES.get(suite, suite)}\n{_text_table(head, rows)}")
     if doc.get("model"):
-        head, rows = model_rows(doc["model"])
+        head, rows = model_rows(doc["model"], wide)
         parts.append(f"Model level: UNet denoising step\n{_text_table(head, rows)}")
-    parts += [f"note: {n}" for n in doc.get("notes", [])]
+    if parts:
+        parts.append(legend(doc, wide) + ("" if wide else "\n(--wide: every column)"))
+    parts += [f"note: {n}" for n in doc.get("notes", []) + _noisy_note(doc)]
     parts += [f"FAILED CHECK: {p}" for p in problems(doc)]
     return "\n\n".join(parts)
 
@@ -261,7 +373,8 @@ def _provenance_md(p: dict) -> str:
         f"torch threads {p['threads']}, capability {p['cpu_capability']}",
         f"- versions: {vers}; python {p['python']}",
         f"- git: {p['git_sha']}; date: {p['date']}",
-        f"- load average at start / end: {p.get('loadavg_start')} / {p.get('loadavg_end')}",
+        f"- load average at start / end: {p.get('loadavg_start')} / {p.get('loadavg_end')}; "
+        f"before timing: {p.get('load')}",
         f"- command: `{p['command']}`",
     ])  # fmt: skip
 
@@ -269,7 +382,7 @@ def _provenance_md(p: dict) -> str:
 def markdown_report(doc: dict, plots: Sequence[Path], relative_to: Path) -> str:
     """The generated block of RESULTS.md (provenance, tables, plots, notes)."""
     parts = [BEGIN, "", f"### Run ({doc['mode']} mode)", "", _provenance_md(doc["provenance"])]
-    for note in doc.get("notes", []):
+    for note in doc.get("notes", []) + _noisy_note(doc):
         parts += ["", f"> {note}"]
     for suite, recs in _suites(doc):
         head, rows = layer_rows(recs)
@@ -277,6 +390,7 @@ def markdown_report(doc: dict, plots: Sequence[Path], relative_to: Path) -> str:
     if doc.get("model"):
         head, rows = model_rows(doc["model"])
         parts += ["", "### Model level: UNet denoising step", "", _md_table(head, rows)]
+    parts += ["", "```", legend(doc, wide=True), "```"]
     failed = problems(doc)
     if failed:
         parts += ["", "### Failed correctness checks", ""] + [f"- {p}" for p in failed]
@@ -335,28 +449,52 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
     written = []
     colors = {"ours": "#1b7837", "merge": "#2166ac", "fuse": "#67a9cf", "peft": "#d6604d",
               "loop": "#b2182b", "fused": "#67a9cf", "base_grouped": "#999999"}  # fmt: skip
+    shrunk = {
+        "quick": " — QUICK MODE: shrunk sizes, indicative only",
+        "smoke": " — SMOKE MODE: tiny shapes, not representative",
+    }.get(doc.get("mode"), "")
     groups: dict[tuple[str, str], list[dict]] = {}
     for rec in doc.get("layer", []):
         w = rec["workload"]
         groups.setdefault((w["suite"], w["dtype"]), []).append(rec)
     for (suite, dtype), recs in groups.items():
         names = ["ours", *LAYER_BASELINES]
-        labels = [f"{r['workload']['label']}\n{_config(r['workload'])}" for r in recs]
+        labels = [
+            f"{r['workload']['label']}\n{_config(r['workload'])}{_noisy_mark(r)}" for r in recs
+        ]
         path = out_dir / f"layer_{suite}_{dtype}.png"
         _bars(plt, recs, names, labels, colors, path,
-              f"{SUITE_TITLES.get(suite, suite)} — {dtype}\n"
+              f"{SUITE_TITLES.get(suite, suite)} — {dtype}{shrunk}\n"
               f"{doc['provenance']['device_name']}, {doc['provenance']['threads']} threads",
               ideal=[r["workload"]["ideal"] for r in recs])  # fmt: skip
         written.append(path)
     if doc.get("model"):
         recs = doc["model"]
-        labels = [f"{r['workload']['label']}\nbatch {r['workload']['batch']}" for r in recs]
+        labels = [f"{r['workload']['label']}\nbatch {r['workload']['batch']}{_noisy_mark(r)}"
+                  for r in recs]  # fmt: skip
         path = out_dir / "model_unet.png"
         _bars(plt, recs, ["ours", "base_grouped", "peft", "fused"], labels, colors, path,
-              f"UNet step time / base step time\n{doc['provenance']['device_name']}",
+              f"UNet step time / base step time{shrunk}\n{doc['provenance']['device_name']}",
               ideal=[r.get("ideal") for r in recs])  # fmt: skip
         written.append(path)
     return written
+
+
+_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100,
+           200, 500, 1000)  # fmt: skip
+
+
+def _log_ticks(lo: float, hi: float, max_ticks: int = 9) -> list[float]:
+    """Readable ticks on a log axis from ``lo`` to ``hi``, at least 1/``max_ticks`` of the
+    axis apart (0.25/0.5/0.75/1/1.25 crowd into one blur on a 0.01-50 bf16 axis)."""
+    lo, hi = max(lo, 1e-3), max(hi, 2e-3)
+    gap = math.log10(hi / lo) / max_ticks
+    out: list[float] = []
+    # 1 first: the line every ratio is read against
+    for t in sorted((t for t in _TICKS if lo <= t <= hi), key=lambda t: (t != 1, t)):
+        if all(abs(math.log10(t / u)) >= gap for u in out):
+            out.append(t)
+    return sorted(out)
 
 
 def _bars(plt, recs, names, labels, colors, path, title, ideal) -> None:  # noqa: ANN001
@@ -380,8 +518,7 @@ def _bars(plt, recs, names, labels, colors, path, title, ideal) -> None:  # noqa
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     lo, hi = ax.get_xlim()
-    ticks = [t for t in (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 20, 50) if lo <= t <= hi]
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_locator(FixedLocator(_log_ticks(lo, hi)))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_yticks(range(n))

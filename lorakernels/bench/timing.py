@@ -11,18 +11,34 @@ CPU: ``time.perf_counter``. CUDA: CUDA events around the burst, after a synchron
 same method as ``triton.testing.do_bench``, without its L2 flush: a layer's weights stay in
 L2 across a real model's consecutive calls only for the small layers, so we report warm-L2).
 The garbage collector is disabled while the samples are taken.
+
+Load (:func:`settle_load`): before a run, what other processes use *now* is read from
+``/proc/stat`` over half a second (the load average lags by minutes: right after a
+``pip install`` it still reads ~1 on an idle machine). If others keep at least half a CPU
+busy, the run waits a few seconds for that to pass, then picks fewer torch threads than
+CPUs: an OpenMP barrier waits for its slowest thread, and a thread that shares its core
+with another process makes every small op wait for it (measured: the SD1.5 UNet step at
+2.9x base with 2 threads on a busy 2-core machine, 1.07x a minute later).
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+
+# A measurement whose repeats spread more than this ((max - min) / median) is flagged as noisy:
+# on a quiet machine 5 repeats of these workloads spread < 10 %.
+NOISY_SPREAD = 0.25
+# Others using at least this many CPUs count as a busy machine.
+BUSY_CPUS = 0.5
 
 
 @dataclass(frozen=True)
@@ -124,3 +140,82 @@ def time_side_by_side(
         if was_enabled:
             gc.enable()
     return {n: Timing(samples[n], numbers[n]) for n in names}
+
+
+# ---------------------------------------------------------------------- machine load
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 4:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def busy_cpus(interval_s: float = 0.5) -> float | None:
+    """How many CPUs' worth of work other processes do now (this one sleeps meanwhile).
+
+    ``None`` where ``/proc/stat`` is unavailable."""
+    a = _cpu_times()
+    if a is None:
+        return None
+    time.sleep(interval_s)
+    b = _cpu_times()
+    if b is None or b[1] <= a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or 1)
+
+
+@dataclass
+class LoadCheck:
+    """What :func:`settle_load` saw and decided."""
+
+    busy_cpus: float | None  # others' use after waiting (None: unknown)
+    waited_s: float
+    threads: int | None  # the torch thread count to use (None: keep the current one)
+    note: str | None  # a warning for the report, only when the load matters
+
+    def as_dict(self) -> dict:
+        busy = None if self.busy_cpus is None else round(self.busy_cpus, 2)
+        return {"busy_cpus": busy, "waited_s": round(self.waited_s, 1), "threads": self.threads}
+
+
+def settle_load(
+    max_wait_s: float, *, threads: int | None = None, poll_s: float = 1.0, verbose: bool = True
+) -> LoadCheck:
+    """Wait up to ``max_wait_s`` for other processes to leave the CPUs; if they stay, choose
+    ``max(1, floor(CPUs - busy))`` torch threads (unless ``threads`` was given) and return a
+    note saying so. A quiet machine (others < :data:`BUSY_CPUS`) gives no note."""
+    t0 = time.perf_counter()
+    busy = busy_cpus()
+    told = False
+    while busy is not None and busy >= BUSY_CPUS and time.perf_counter() - t0 < max_wait_s:
+        if verbose and not told:
+            print(
+                f"other processes use {busy:.1f} of {os.cpu_count()} CPUs; waiting up to "
+                f"{max_wait_s:.0f} s for them to finish",
+                file=sys.stderr,
+                flush=True,
+            )
+            told = True
+        time.sleep(poll_s)
+        busy = busy_cpus()
+    waited = time.perf_counter() - t0
+    if busy is None or busy < BUSY_CPUS:
+        return LoadCheck(busy, waited, None, None)
+    cpus = os.cpu_count() or 1
+    chosen = threads
+    if chosen is None:
+        chosen = max(1, min(torch.get_num_threads(), math.floor(cpus - busy)))
+    note = (
+        f"the machine was busy: other processes used {busy:.1f} of {cpus} CPUs after "
+        f"{waited:.0f} s of waiting; ran with {chosen} torch thread(s)"
+        + ("" if threads is None else " (--threads)")
+        + ". Ratios are noisier than on a quiet machine; rows marked ! spread widely"
+    )
+    return LoadCheck(busy, waited, chosen, note)
