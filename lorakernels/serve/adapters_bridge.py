@@ -1,0 +1,128 @@
+"""Every call the server makes into the diffusers integration and the adapter registry.
+
+One small file on purpose: the adapter registry is being rebuilt (``AdapterLibrary``, a
+residency pool with ``prefetch``/``stats`` and a public ``encode``). This module uses today's
+``DiffusersLoRA`` (``load_dir``, ``spellings``, ``registry``, ``loaded``, ``ensure_loaded``,
+``_encode``, ``use``); switching to the new API at merge touches only these functions.
+
+Threading: the patched layers read one active batch, so every call that runs a model
+(:func:`encode`, :func:`unet_mixtures`, :func:`load`) is made from the server's single worker
+thread. Registry reads from other threads go through the server's lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What ``GET /sdapi/v1/loras`` lists for one adapter."""
+
+    name: str
+    aliases: tuple[str, ...]
+    path: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PoolCounters:
+    """Residency counters (today's integration keeps none, so the bridge counts)."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    prefetched: int = 0
+
+
+def patch(pipe: Any, lora_dirs: Sequence[str | Path]) -> Any:
+    """Patch ``pipe`` for per-row LoRAs and register every LoRA file of ``lora_dirs``."""
+    from ..integrations.diffusers import patch as _patch
+
+    handle = _patch(pipe)
+    for folder in lora_dirs:
+        handle.load_dir(folder, lazy=True)
+    handle._lk_serve_dirs = [Path(d) for d in lora_dirs]
+    handle._lk_serve_pool = PoolCounters()
+    return handle
+
+
+def spellings(handle: Any) -> dict[str, str]:
+    """Every accepted spelling (stem, ``ss_output_name``) -> canonical adapter name."""
+    return dict(handle.spellings)
+
+
+def names(handle: Any) -> list[str]:
+    return sorted(handle.registry)
+
+
+def info(handle: Any, name: str) -> AdapterInfo:
+    """Name, aliases, file and safetensors header metadata of adapter ``name`` (no tensors read)."""
+    path = Path(handle.registry[name])
+    aliases = tuple(s for s, c in handle.spellings.items() if c == name and s != name)
+    metadata: dict[str, str] = {}
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    return AdapterInfo(name, aliases, str(path), metadata)
+
+
+def refresh(handle: Any) -> list[str]:
+    """Rescan the LoRA folders; new files become usable, known ones stay as they are."""
+    for folder in handle._lk_serve_dirs:
+        handle.load_dir(folder, lazy=True)
+    return names(handle)
+
+
+def load(handle: Any, adapters: Sequence[str], *, prefetch: bool = False) -> None:
+    """Make ``adapters`` resident (worker thread only). Counts pool hits and misses."""
+    pool: PoolCounters = handle._lk_serve_pool
+    for name in adapters:
+        if name in handle.loaded:
+            if not prefetch:
+                pool.hits += 1
+            continue
+        handle.ensure_loaded([name])
+        if prefetch:
+            pool.prefetched += 1
+        else:
+            pool.misses += 1
+
+
+def stats(handle: Any) -> dict[str, int]:
+    """resident, hits, misses, evictions, prefetched."""
+    pool: PoolCounters = handle._lk_serve_pool
+    return {
+        "resident": len(handle.loaded),
+        "hits": pool.hits,
+        "misses": pool.misses,
+        "evictions": pool.evictions,
+        "prefetched": pool.prefetched,
+    }
+
+
+def encode(
+    handle: Any,
+    texts: Sequence[str],
+    negative_prompts: Sequence[str],
+    te_mixtures: Sequence[Mapping[str, float]],
+    do_cfg: bool,
+) -> dict[str, Any]:
+    """Prompt embeddings, one row per text, each with its own text-encoder mixture (worker
+    thread only): ``prompt_embeds`` and, with ``do_cfg``, ``negative_prompt_embeds`` (plus the
+    pooled embeddings for SDXL)."""
+    mixes = [dict(m) for m in te_mixtures]
+    return handle._encode(list(texts), list(negative_prompts), mixes, do_cfg)
+
+
+@contextmanager
+def unet_mixtures(handle: Any, mixtures: Sequence[Mapping[str, float]]) -> Iterator[None]:
+    """Activate one UNet mixture per batch row of the next UNet call (worker thread only)."""
+    with handle.use(unet=[dict(m) for m in mixtures]):
+        yield
