@@ -2,6 +2,7 @@
 
 * ``lorakernels`` or ``lorakernels info``: environment and backend report.
 * ``lorakernels bench [...]``: the benchmark suite (see ``lorakernels bench --help``).
+* ``lorakernels serve [...]``: the A1111-compatible server (see ``lorakernels serve --help``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.cli import main as bench_main
 
         return int(bench_main(argv[1:]) or 0)
+    if argv[0] == "serve":
+        from .serve.cli import main as serve_main
+
+        return int(serve_main(argv[1:]) or 0)
     if argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0

@@ -315,7 +315,13 @@ class DiffusionServer:
             queued, active = len(self._queue), len(self._active)
             rows = sum(j.rows for p in self._active for j in p.jobs)
             pool = bridge.stats(self.handle)
-        return {"queue_depth": queued, "active_requests": active, "active_rows": rows, **pool}
+        return {
+            "queue_depth": queued,
+            "active_requests": active,
+            "active_rows": rows,
+            "resident_adapters": pool["resident"],
+            **{f"pool_{k}": pool[k] for k in ("hits", "misses", "evictions", "prefetched")},
+        }
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
