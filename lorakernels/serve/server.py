@@ -362,6 +362,7 @@ class DiffusionServer:
             if rows and rows + p.rows > self.max_active_rows:
                 break
             self._queue.popleft()
+            self._active.append(p)  # active from now on (no jobs until admitted): never unseen
             out.append(p)
             rows += p.rows
         return out
@@ -375,6 +376,7 @@ class DiffusionServer:
                     bridge.load(self.handle, sorted({*p.unet, *p.text_encoder}))
                 ok.append(p)
             except Exception as exc:  # noqa: BLE001 - a bad adapter file fails its request
+                self._remove_active(p)
                 self._answer(p, error=exc)
         if not ok:
             return
@@ -386,6 +388,7 @@ class DiffusionServer:
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001
             if len(ok) == 1:
+                self._remove_active(ok[0])
                 self._answer(ok[0], error=exc)
                 return
             for p in ok:  # isolate the request whose text fails
@@ -404,11 +407,10 @@ class DiffusionServer:
                     embeds=embeds, row=row, unet_mixture=p.unet, arrival=p.arrival, eta=req.eta,
                 )  # fmt: skip
             except Exception as exc:  # noqa: BLE001
+                self._remove_active(p)
                 self._answer(p, error=exc)
                 continue
             p.t_admit = now
-            with self.lock:
-                self._active.append(p)
 
     def _prefetch(self) -> None:
         """Load the adapters of the next queued requests while others denoise."""
