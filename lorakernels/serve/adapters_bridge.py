@@ -12,7 +12,8 @@ thread. Registry reads from other threads go through the server's lock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,11 @@ class PoolCounters:
     prefetched: int = 0
 
 
-def patch(pipe: Any, lora_dirs: Sequence[str | Path]) -> Any:
-    """Patch ``pipe`` for per-row LoRAs and register every LoRA file of ``lora_dirs``."""
+def patch(
+    pipe: Any, lora_dirs: Sequence[str | Path], max_resident_adapters: int | None = None
+) -> Any:
+    """Patch ``pipe`` for per-row LoRAs and register every LoRA file of ``lora_dirs``.
+    ``max_resident_adapters`` bounds the adapters held in the banks (LRU eviction)."""
     from ..integrations.diffusers import patch as _patch
 
     handle = _patch(pipe)
@@ -48,6 +52,8 @@ def patch(pipe: Any, lora_dirs: Sequence[str | Path]) -> Any:
         handle.load_dir(folder, lazy=True)
     handle._lk_serve_dirs = [Path(d) for d in lora_dirs]
     handle._lk_serve_pool = PoolCounters()
+    handle._lk_serve_lru = OrderedDict()
+    handle._lk_serve_budget = max_resident_adapters
     return handle
 
 
@@ -80,19 +86,45 @@ def refresh(handle: Any) -> list[str]:
     return names(handle)
 
 
-def load(handle: Any, adapters: Sequence[str], *, prefetch: bool = False) -> None:
-    """Make ``adapters`` resident (worker thread only). Counts pool hits and misses."""
+def resident(handle: Any, adapters: Collection[str]) -> bool:
+    """Whether all of ``adapters`` are held in the banks now."""
+    return all(name in handle.loaded for name in adapters)
+
+
+def load(
+    handle: Any, adapters: Sequence[str], *, keep: Collection[str] = (), prefetch: bool = False
+) -> None:
+    """Make ``adapters`` resident (worker thread only), evicting the least recently used ones
+    outside ``keep`` (the adapters of requests in flight) past the budget. Counts hits and
+    misses. A prefetch never evicts: it only fills free room."""
     pool: PoolCounters = handle._lk_serve_pool
+    lru: OrderedDict = handle._lk_serve_lru
+    budget = handle._lk_serve_budget
     for name in adapters:
         if name in handle.loaded:
             if not prefetch:
                 pool.hits += 1
+            lru[name] = None
+            lru.move_to_end(name)
+            continue
+        if prefetch and budget is not None and len(handle.loaded) >= budget:
             continue
         handle.ensure_loaded([name])
+        lru[name] = None
         if prefetch:
             pool.prefetched += 1
         else:
             pool.misses += 1
+    if budget is None:
+        return
+    protected = set(keep) | set(adapters)
+    for name in list(lru):
+        if len(handle.loaded) <= budget:
+            break
+        if name not in protected and name in handle.loaded:
+            handle.unload(name)
+            del lru[name]
+            pool.evictions += 1
 
 
 def stats(handle: Any) -> dict[str, int]:

@@ -39,7 +39,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -66,10 +66,6 @@ IMPLEMENTED: dict[str, Any] = {
     "send_images": True,
     "disable_extra_networks": False,
 }
-
-
-def _falsy(v: Any) -> bool:
-    return v is None or v is False or v == 0 or v == "" or v == [] or v == {}
 
 
 def _is(*values: Any) -> Callable[[Any], bool]:
@@ -111,11 +107,24 @@ NO_EFFECT = {
 }  # fmt: skip
 
 
-def _error(status: int, error: str, detail: str, **extra: Any) -> Any:
+class Reply(NamedTuple):
+    """An HTTP answer as plain data (status, JSON body, headers): what Ray replicas return."""
+
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+    def response(self) -> Response:
+        if self.status == 499:
+            return Response(status_code=499)
+        return JSONResponse(self.body, self.status, headers=self.headers)
+
+
+def _error(status: int, error: str, detail: str, **extra: Any) -> Reply:
     headers = {}
     if "retry_after" in extra:
         headers["Retry-After"] = str(max(1, math.ceil(extra.pop("retry_after"))))
-    return JSONResponse({"error": error, "detail": detail, **extra}, status, headers=headers)
+    return Reply(status, {"error": error, "detail": detail, **extra}, headers)
 
 
 def _typed(payload: dict[str, Any], name: str, kinds: tuple[type, ...]) -> Any:
@@ -207,82 +216,78 @@ def _info(req: GenerationRequest, params: dict[str, Any], result: Any, model: st
         "infotexts": [f"{req.prompt}{neg}\n{line.format(seed=s)}" for s in result.seeds],
         "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
         "is_using_inpainting_conditioning": False,
-        "lorakernels": {"adapters": result.adapters, "timings": result.timings},
+        "lorakernels": {
+            "adapters": result.adapters, "timings": result.timings,
+            "adapters_were_resident": result.adapters_were_resident,
+        },
     }  # fmt: skip
     return json.dumps(info)
 
 
-def create_app(
+def parse_body(raw: bytes) -> Any:
+    """The JSON body, or :class:`RequestError` on field ``body``."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError("body", f"malformed JSON: {exc}") from None
+
+
+async def txt2img(
     server: DiffusionServer,
-    *,
-    model_name: str = "model",
-    drain_timeout: float = 30.0,
-    manage_server: bool = True,
-) -> Any:
-    """The FastAPI app. With ``manage_server`` the app starts the server's worker at startup
-    and drains it at shutdown (bounded by ``drain_timeout`` seconds)."""
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if manage_server:
-            server.start()
-        yield
-        if manage_server:
-            await asyncio.to_thread(server.drain, drain_timeout)
-
-    app = FastAPI(title="lorakernels", lifespan=lifespan)
-    app.state.server = server
-
-    @app.post("/sdapi/v1/txt2img")
-    async def txt2img(request: Request) -> Any:
-        try:
-            payload = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return _error(422, "RequestError", f"body: malformed JSON: {exc}", field="body")
-        try:
-            req, send, params = parse_txt2img(payload)
-            future = server.enqueue(req)
-        except RequestError as exc:
-            return _error(422, "RequestError", str(exc), field=exc.field)
-        except UnknownLoraError as exc:
-            return _error(404, "UnknownLora", str(exc), lora=exc.name, field="prompt")
-        except ValueError as exc:  # a malformed <lora:…> tag
-            return _error(422, "RequestError", f"prompt: {exc}", field="prompt")
-        except QueueFull as exc:
-            return _error(503, "QueueFull", str(exc), retry_after=exc.retry_after)
-        except ShuttingDown as exc:
-            return _error(503, "ShuttingDown", str(exc), retry_after=5)
-        waiter = asyncio.wrap_future(future)
+    payload: Any,
+    model_name: str,
+    is_disconnected: Callable[[], Any] | None = None,
+) -> Reply:
+    """``POST /sdapi/v1/txt2img`` on ``server``; awaits the images. ``is_disconnected``
+    (async) is polled while waiting: a gone client cancels its request (status 499).
+    Cancelling the awaiting task cancels the request too."""
+    try:
+        req, send, params = parse_txt2img(payload)
+        future = server.enqueue(req)
+    except RequestError as exc:
+        return _error(422, "RequestError", str(exc), field=exc.field)
+    except UnknownLoraError as exc:
+        return _error(404, "UnknownLora", str(exc), lora=exc.name, field="prompt")
+    except ValueError as exc:  # a malformed <lora:…> tag
+        return _error(422, "RequestError", f"prompt: {exc}", field="prompt")
+    except QueueFull as exc:
+        return _error(503, "QueueFull", str(exc), retry_after=exc.retry_after)
+    except ShuttingDown as exc:
+        return _error(503, "ShuttingDown", str(exc), retry_after=5)
+    waiter = asyncio.wrap_future(future)
+    try:
         while True:
             done, _ = await asyncio.wait({waiter}, timeout=0.25)
             if done:
                 break
-            if await request.is_disconnected():
+            if is_disconnected is not None and await is_disconnected():
                 future.cancel()  # frees the request's rows before the next step
-                return Response(status_code=499)
-        try:
-            result = waiter.result()
-        except ShuttingDown as exc:
-            return _error(503, "ShuttingDown", str(exc), retry_after=5)
-        except Exception as exc:  # noqa: BLE001 - this request failed; report it
-            return _error(500, type(exc).__name__, str(exc))
-        images = await asyncio.to_thread(lambda: [_png(i) for i in result.images]) if send else []
-        info = _info(req, params, result, model_name)
-        return JSONResponse({"images": images, "parameters": params, "info": info})
+                return Reply(499, None, {})
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    try:
+        result = waiter.result()
+    except ShuttingDown as exc:
+        return _error(503, "ShuttingDown", str(exc), retry_after=5)
+    except Exception as exc:  # noqa: BLE001 - this request failed; report it
+        return _error(500, type(exc).__name__, str(exc))
+    images = await asyncio.to_thread(lambda: [_png(i) for i in result.images]) if send else []
+    info = _info(req, params, result, model_name)
+    return Reply(200, {"images": images, "parameters": params, "info": info}, {})
 
-    @app.get("/sdapi/v1/loras")
-    async def loras() -> Any:
-        return [
-            {"name": a.name, "alias": a.aliases[0] if a.aliases else a.name, "path": a.path,
-             "metadata": dict(a.metadata)}
-            for a in await asyncio.to_thread(server.adapters)
-        ]  # fmt: skip
 
-    @app.post("/sdapi/v1/refresh-loras")
-    async def refresh_loras() -> Any:
-        await asyncio.to_thread(server.refresh_adapters)
-        return None
+def lora_list(server: DiffusionServer) -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/loras``: ``[{"name", "alias", "path", "metadata"}]``."""
+    return [
+        {"name": a.name, "alias": a.aliases[0] if a.aliases else a.name, "path": a.path,
+         "metadata": dict(a.metadata)}
+        for a in server.adapters()
+    ]  # fmt: skip
+
+
+def static_routes(app: FastAPI, model_name: str) -> None:
+    """The endpoints that need no server: samplers, scripts, sd-models, options."""
 
     @app.get("/sdapi/v1/samplers")
     async def sampler_list() -> Any:
@@ -302,6 +307,48 @@ def create_app(
     @app.get("/sdapi/v1/options")
     async def options() -> Any:
         return {"sd_model_checkpoint": model_name, "CLIP_stop_at_last_layers": 1}
+
+
+def create_app(
+    server: DiffusionServer,
+    *,
+    model_name: str = "model",
+    drain_timeout: float = 30.0,
+    manage_server: bool = True,
+) -> FastAPI:
+    """The FastAPI app. With ``manage_server`` the app starts the server's worker at startup
+    and drains it at shutdown (bounded by ``drain_timeout`` seconds)."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_server:
+            server.start()
+        yield
+        if manage_server:
+            await asyncio.to_thread(server.drain, drain_timeout)
+
+    app = FastAPI(title="lorakernels", lifespan=lifespan)
+    app.state.server = server
+    static_routes(app, model_name)
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img_route(request: Request) -> Any:
+        try:
+            payload = parse_body(await request.body())
+        except RequestError as exc:
+            return _error(422, "RequestError", str(exc), field="body").response()
+        reply = await txt2img(server, payload, model_name, request.is_disconnected)
+        return reply.response()
+
+    @app.get("/sdapi/v1/loras")
+    async def loras() -> Any:
+        return await asyncio.to_thread(lora_list, server)
+
+    @app.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras() -> Any:
+        await asyncio.to_thread(server.refresh_adapters)
+        return None
 
     @app.get("/health")
     async def health() -> Any:

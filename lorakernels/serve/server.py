@@ -102,6 +102,7 @@ class GenerationResult:
     adapters: dict[str, dict[str, float]]
     sampler: str
     timings: dict[str, float]
+    adapters_were_resident: bool = False
 
 
 @dataclass(eq=False)
@@ -120,6 +121,11 @@ class _Pending:
     jobs: list[ImageJob] = field(default_factory=list)
     images: dict[int, Any] = field(default_factory=dict)
     failed: bool = False
+    was_resident: bool = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return sorted({*self.unet, *self.text_encoder})
 
     @property
     def rows(self) -> int:
@@ -143,6 +149,8 @@ class DiffusionServer:
         max_queue: most requests waiting for admission; beyond it :class:`QueueFull`.
         max_size, max_steps, max_images: limits on width/height, steps and images per request.
         mixed_adapters: ``False`` batches only requests with the same UNet mixture (a baseline).
+        max_resident_adapters: adapters held in the banks at once (LRU eviction of those no
+            request in flight uses); ``None``: no bound.
     """
 
     def __init__(
@@ -157,9 +165,10 @@ class DiffusionServer:
         max_steps: int = 150,
         max_images: int = 16,
         mixed_adapters: bool = True,
+        max_resident_adapters: int | None = None,
     ) -> None:
         self.pipe = pipe
-        self.handle = bridge.patch(pipe, lora_dirs)
+        self.handle = bridge.patch(pipe, lora_dirs, max_resident_adapters)
         self.batcher = StepBatcher(
             pipe, self.handle, max_batch_rows=max_batch_rows, mixed_adapters=mixed_adapters
         )
@@ -373,7 +382,9 @@ class DiffusionServer:
         for p in admitted:
             try:
                 with self.lock:
-                    bridge.load(self.handle, sorted({*p.unet, *p.text_encoder}))
+                    keep = {n for q in self._active for n in q.adapter_names}
+                    p.was_resident = bridge.resident(self.handle, p.adapter_names)
+                    bridge.load(self.handle, p.adapter_names, keep=keep)
                 ok.append(p)
             except Exception as exc:  # noqa: BLE001 - a bad adapter file fails its request
                 self._remove_active(p)
@@ -415,9 +426,9 @@ class DiffusionServer:
     def _prefetch(self) -> None:
         """Load the adapters of the next queued requests while others denoise."""
         with self.lock:
-            upcoming = [n for p in list(self._queue)[:8] for n in (*p.unet, *p.text_encoder)]
+            upcoming = [n for p in list(self._queue)[:8] for n in p.adapter_names]
             try:
-                bridge.load(self.handle, sorted(set(upcoming)), prefetch=True)
+                bridge.load(self.handle, list(dict.fromkeys(upcoming)), prefetch=True)
             except Exception:  # noqa: BLE001 - the request itself reports it at admission
                 pass
 
@@ -484,6 +495,7 @@ class DiffusionServer:
                     seeds=list(p.seeds),
                     adapters={"unet": dict(p.unet), "text_encoder": dict(p.text_encoder)},
                     sampler=p.sampler.name,
+                    adapters_were_resident=p.was_resident,
                     timings={
                         "queued": p.t_admit - p.t_submit,
                         "denoise": now - p.t_admit - p.t_decode,
