@@ -142,22 +142,24 @@ def bench(args) -> None:
         for clients in args.clients:
             n = max(args.requests, clients)
             reqs = [make_request(a, s, args) for a, s in workload(n, popularity)]
-            res = {}
-            for name, prov in providers.items():
+            runs: dict[str, list] = {name: [] for name in providers}
+            for prov in providers.values():
                 asyncio.run(closed_loop(prov, reqs[:1], 1))  # warm-up
-                wall, lat, images = asyncio.run(closed_loop(prov, reqs, clients))
-                res[name] = images
+            for _ in range(args.repeats):  # providers interleaved: the machine's load drifts
+                for name, prov in providers.items():
+                    runs[name].append(asyncio.run(closed_loop(prov, reqs, clients)))
+            for name, rs in runs.items():
                 rows.append({
                     "popularity": popularity, "clients": clients, "provider": name,
-                    "requests": n, "images_per_s": n / wall,
-                    "p50_s": statistics.median(lat),
-                    "p95_s": float(np.percentile(lat, 95)),
+                    "requests": n, "repeats": args.repeats,
+                    "images_per_s": statistics.median(n / w for w, _, _ in rs),
+                    "p50_s": statistics.median(statistics.median(lat) for _, lat, _ in rs),
+                    "p95_s": statistics.median(float(np.percentile(lat, 95)) for _, lat, _ in rs),
                 })  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
-            diff = np.abs(res["ours"][0] - res["diffusers sequential (a)"][0]).max()
-            print(
-                f"# check: ours vs diffusers+PEFT, request 0: max |diff| = {diff:.2e}", flush=True
-            )
+            a, b = runs["ours"][0][2][0], runs["diffusers sequential (a)"][0][2][0]
+            diff = np.abs(a - b).max()
+            print(f"# check: ours vs diffusers+PEFT, request 0: max |diff| {diff:.2e}", flush=True)
     print_table(rows, args)
 
 
@@ -165,6 +167,7 @@ def print_table(rows, args) -> None:
     print(
         f"\n# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} thread(s), load {os.getloadavg()[0]:.1f}, {args.size}x{args.size}, "
+        f"median of {args.repeats} interleaved rounds, "
         f"{args.steps} steps Euler a, cfg 7, max_batch_rows {args.max_batch_rows}"
     )
     print("| popularity | clients | provider | images/s | p50 s | p95 s | ours / this |")
@@ -261,6 +264,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--max-batch-rows", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians")
     p.add_argument("--demo-dir", type=Path, default=None)
     p.add_argument("--load-test", type=int, default=0, help="loopback HTTP load test of N")
     args = p.parse_args()

@@ -199,3 +199,27 @@ def test_drain_lets_in_flight_requests_finish(server):
     assert all(len(f.result(timeout=1).images) == 1 for f in futures)
     with pytest.raises(ShuttingDown):
         server.enqueue(_req("a cat"))
+
+
+def test_resident_budget_evicts_least_recently_used(demo_dirs):
+    model, loras = demo_dirs
+    srv = DiffusionServer(
+        demo.load_pipeline(model), [loras], max_batch_rows=4, max_resident_adapters=2
+    ).start()
+    try:
+        first = None
+        for name in ("ink", "cyber", "tarot", "ink"):  # one at a time: ink is evicted, reloaded
+            res = asyncio.run(_gather(srv, [_req(f"<lora:{name}:1> a cat", seed=3)]))[0]
+            assert not isinstance(res, BaseException), res
+            if name == "ink":
+                if first is None:
+                    first, was = res.images[0], res.adapters_were_resident
+                    assert not was
+                else:  # reloaded after eviction: the same image
+                    np.testing.assert_allclose(res.images[0], first, rtol=0, atol=1e-6)
+                    assert not res.adapters_were_resident
+        status = srv.status()
+        assert status["resident_adapters"] == 2
+        assert status["pool_evictions"] == 2 and status["pool_misses"] == 4
+    finally:
+        srv.drain(timeout=5)
