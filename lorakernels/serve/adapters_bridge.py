@@ -142,15 +142,16 @@ def stats(handle: Any) -> dict[str, int]:
 def encode(
     handle: Any,
     texts: Sequence[str],
-    negative_prompts: Sequence[str],
+    negative_prompts: Sequence[str] | None,
     te_mixtures: Sequence[Mapping[str, float]],
     do_cfg: bool,
 ) -> dict[str, Any]:
     """Prompt embeddings, one row per text, each with its own text-encoder mixture (worker
     thread only): ``prompt_embeds`` and, with ``do_cfg``, ``negative_prompt_embeds`` (plus the
-    pooled embeddings for SDXL)."""
+    pooled embeddings for SDXL). ``negative_prompts=None``: the pipeline's empty negative."""
     mixes = [dict(m) for m in te_mixtures]
-    return handle._encode(list(texts), list(negative_prompts), mixes, do_cfg)
+    negatives = None if negative_prompts is None else list(negative_prompts)
+    return handle._encode(list(texts), negatives, mixes, do_cfg)
 
 
 @contextmanager

@@ -141,8 +141,9 @@ class DiffusionServer:
     """Continuous-batching txt2img server over one patched diffusers pipeline.
 
     Args:
-        pipe: a diffusers Stable Diffusion pipeline (SD1.x/2.x; SDXL's added conditioning is
-            built too).
+        pipe: a diffusers Stable Diffusion 1.x/2.x pipeline. SDXL is refused for now: the
+            added-conditioning path (pooled embeds, time ids) is written but its images do not
+            yet match ``generate`` and it has no test.
         lora_dirs: folders of LoRA files, registered by stem and ``ss_output_name``.
         max_batch_rows: most UNet rows per call (a guided image takes 2 rows).
         max_active_rows: rows in flight (admission stops above it; default ``max_batch_rows``).
@@ -167,6 +168,11 @@ class DiffusionServer:
         mixed_adapters: bool = True,
         max_resident_adapters: int | None = None,
     ) -> None:
+        if hasattr(pipe, "text_encoder_2") or not hasattr(pipe, "unet"):
+            raise TypeError(
+                f"pipe: DiffusionServer serves Stable Diffusion 1.x/2.x pipelines; got "
+                f"{type(pipe).__name__} (SDXL serving is not verified yet)"
+            )
         self.pipe = pipe
         self.handle = bridge.patch(pipe, lora_dirs, max_resident_adapters)
         self.batcher = StepBatcher(
@@ -389,12 +395,20 @@ class DiffusionServer:
             except Exception as exc:  # noqa: BLE001 - a bad adapter file fails its request
                 self._remove_active(p)
                 self._answer(p, error=exc)
-        if not ok:
-            return
+        # empty negative prompts are encoded as the pipeline encodes ``negative_prompt=None``
+        # (SDXL may zero them): such requests form their own text-encoder batch
+        for group in ([p for p in ok if not p.request.negative_prompt],
+                      [p for p in ok if p.request.negative_prompt]):  # fmt: skip
+            if group:
+                self._start(group)
+
+    def _start(self, ok: list[_Pending]) -> None:
+        """Encode ``ok`` in one text-encoder batch and make their jobs."""
         do_cfg = any(self.batcher.do_cfg(p.request.guidance_scale) for p in ok)
+        negatives = [p.request.negative_prompt for p in ok]
         try:
             embeds = bridge.encode(
-                self.handle, [p.text for p in ok], [p.request.negative_prompt for p in ok],
+                self.handle, [p.text for p in ok], negatives if any(negatives) else None,
                 [p.text_encoder for p in ok], do_cfg,
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001
@@ -403,7 +417,7 @@ class DiffusionServer:
                 self._answer(ok[0], error=exc)
                 return
             for p in ok:  # isolate the request whose text fails
-                self._admit([p])
+                self._start([p])
             return
         now = time.monotonic()
         for row, p in enumerate(ok):
