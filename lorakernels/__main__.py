@@ -67,6 +67,7 @@ def _info_main(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "info": ("__main__", "_info_main", "versions, devices, and which backends can run here"),
     "bench": ("bench.cli", "main", "the benchmark suite (lorakernels bench --help)"),
+    "serve": ("serve.cli", "main", "the A1111-compatible server (lorakernels serve --help)"),
     "gpu-check": ("gpu_check", "main", "every GPU path and the GPU benchmark (make gpu-check)"),
 }
 
