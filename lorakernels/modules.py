@@ -184,6 +184,13 @@ class MultiLoRALinear(nn.Linear):
         return out
 
 
+# nn.Conv2d's configuration attributes, shared with the wrapped layer
+_CONV_FIELDS = (
+    "in_channels out_channels kernel_size stride padding dilation transposed output_padding "
+    "groups padding_mode _reversed_padding_repeated_twice"
+).split()
+
+
 class MultiLoRAConv2d(nn.Conv2d):
     """``nn.Conv2d`` plus per-sample LoRA mixtures (NCHW); build with :meth:`from_conv`.
 
@@ -199,11 +206,7 @@ class MultiLoRAConv2d(nn.Conv2d):
             raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        for name in (
-            "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-            "transposed", "output_padding", "groups", "padding_mode",
-            "_reversed_padding_repeated_twice",
-        ):  # fmt: skip
+        for name in _CONV_FIELDS:
             setattr(self, name, getattr(conv, name))
         self.weight = conv.weight
         self.bias = conv.bias
