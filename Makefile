@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test bench bench-full lint clean
+.PHONY: setup test bench bench-full lint clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(VENV)/bin/lorakernels bench --full
+
+# On a GPU machine (torch + triton there, nothing downloadable): the one command of
+# benchmarks/GPU.md. Runs from this checkout with .venv's python if there is one, else the
+# python already installed; the script path (not -m) answers even where torch is missing.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) lorakernels/gpu_check.py --out gpu-results
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
