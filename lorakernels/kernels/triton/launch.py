@@ -561,3 +561,98 @@ def plan_lora_expand(
         y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
         entry_weight, meta, config,
     )  # fmt: skip
+
+
+def plan_fused_segmented(
+    x: Tensor,
+    weight: Tensor,
+    merged: Tensor,
+    seg_weight: Tensor,
+    seg_lora: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_bt: Tensor,
+    slot_start: Tensor,
+    slot_rank: Tensor,
+    slot_scale: Tensor,
+    row_ptr: Tensor,
+    entry_ptr: Tensor,
+    entry_slot: Tensor,
+    entry_weight: Tensor,
+    meta: LaunchMeta,
+    config: dispatch.FusedConfig | None = None,
+) -> Launch:
+    """One launch of :mod:`.segmented`: per sample the base or a merged weight, with or
+    without its LoRA terms (``merged [G, N, K]``, ``seg_weight``/``seg_lora`` ``int32 [S]``).
+
+    fp16/bf16 only (fp32 has no fused path), K and N multiples of 16 and a canonical
+    ``weight``/``merged`` (the class the kernel is compiled and checked for); otherwise
+    ValueError naming the argument. ``config`` defaults to the dispatch table's fused tile.
+    """
+    from .segmented import _fused_segmented_kernel
+
+    _check_meta(meta)
+    _check(
+        x,
+        {"weight": weight, "merged": merged, "seg_weight": seg_weight, "seg_lora": seg_lora,
+         "bias": bias, "lora_a": lora_a, "lora_bt": lora_bt, "slot_start": slot_start,
+         "slot_rank": slot_rank, "slot_scale": slot_scale, "row_ptr": row_ptr,
+         "entry_ptr": entry_ptr, "entry_slot": entry_slot, "entry_weight": entry_weight},
+        {**_INDEX_DTYPES, "seg_weight": torch.int32, "seg_lora": torch.int32},
+    )  # fmt: skip
+    dtype = _dtype_name(x)
+    if dtype == "float32":
+        raise TypeError(
+            "x: the segmented fused kernel runs float16/bfloat16 (fp32 has no fused path)"
+        )
+    m, k = x.shape
+    n = weight.shape[0]
+    s = row_ptr.numel() - 1
+    if k % 16 or n % 16:
+        raise ValueError(f"weight: K={k} and N={n} must be multiples of 16 for the fused kernel")
+    if merged.dim() != 3 or tuple(merged.shape[1:]) != (n, k):
+        raise ValueError(f"merged: expected [G, {n}, {k}], got {tuple(merged.shape)}")
+    if not (_is_canonical(weight) and _is_canonical(merged)):
+        raise ValueError("weight, merged: must be contiguous and start 16-byte aligned")
+    for name, seg in (("seg_weight", seg_weight), ("seg_lora", seg_lora)):
+        if seg.shape != (s,) or not seg.is_contiguous():
+            raise ValueError(
+                f"{name}: expected a contiguous [S={s}] tensor, got {tuple(seg.shape)}"
+            )
+    x, lora_a, lora_bt = canonical(x), canonical(lora_a), canonical(lora_bt)
+    bias = None if bias is None else canonical(bias)
+    r_cap = meta.max_entries * meta.max_rank
+    if config is None:
+        rows = max(1, min(meta.max_rows, m)) if m else 1
+        config = dispatch.fused_config(rows, n, r_cap, dtype, arch=_arch(x.device))
+    if r_cap > config.block_r and not config.multi_block:
+        raise ValueError(
+            f"config: block_r={config.block_r} without multi_block cannot hold the summed rank "
+            f"capacity {r_cap} (meta.max_entries * meta.max_rank)"
+        )
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    launch = Launch(y)
+    if m == 0 or n == 0:
+        return launch
+    grid = _row_tiles(m, s, config.block_m) * _cdiv(n, config.block_n)
+    args = (
+        x, weight, merged, seg_weight, seg_lora, bias, lora_a, lora_bt, slot_start, slot_rank,
+        slot_scale, row_ptr, entry_ptr, entry_slot, entry_weight, y,
+        n, k, s, merged.shape[0], meta.max_entries, meta.max_rank, slot_rank.numel(),
+        lora_a.shape[0], x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        n * k, lora_a.stride(0), lora_a.stride(1), lora_bt.stride(0), lora_bt.stride(1),
+        y.stride(0), y.stride(1),
+    )  # fmt: skip
+    consts = {
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": config.block_k,
+        "BLOCK_R": config.block_r,
+        "BLOCK_S": _BLOCK_S,
+        "MULTI_BLOCK": config.multi_block,
+        "SPLIT_T": True,
+        **_numerics(dtype, interpreting()),
+    }
+    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    _add_kernel(launch, _fused_segmented_kernel, grid, args, consts, opts)
+    return launch
