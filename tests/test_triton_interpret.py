@@ -442,6 +442,25 @@ else:
             out, _ = run(case, forced_plan(path, case))
             assert_close(out, case)
 
+    @pytest.mark.parametrize("path", ["fused", "pair"])
+    def test_rerun_after_non_canonical_x_changed_in_place(path):
+        """A padded x is copied by the launch's first step, not at planning: re-running the
+        launch (a graph replay) after x changed in place uses the new contents."""
+        case = build("small_ranks", torch.float16, seed=9)
+        a = case.args
+        m, k = a["x"].shape
+        wide = torch.full((m, k + 5), float("nan"), dtype=torch.float16)
+        wide[:, :k] = a["x"]
+        a["x"] = wide[:, :k]
+        job = launch.plan_multi_lora_linear(**a, meta=case.meta, plan=forced_plan(path, case))
+        job.out.fill_(float("nan"))
+        assert_close(job(), case)
+        fresh = make_case(torch.float16, case.rows, k, a["weight"].shape[0], case.ranks,
+                          case.mixtures, seed=10)  # fmt: skip
+        a["x"].copy_(fresh.args["x"])
+        job.out.fill_(float("nan"))
+        assert_close(job(), replace(case, args={**a, "x": fresh.args["x"]}))
+
     def test_wrong_index_dtype_is_a_type_error():
         case = build("odd", torch.float32)
         case.args["row_ptr"] = case.args["row_ptr"].long()

@@ -185,11 +185,11 @@ def _t_buffer(m: int, width: int, device: torch.device) -> Tensor:
     return torch.empty((m, padded), dtype=torch.float32, device=device)[:, :width]
 
 
-def _canonical_t(t: Tensor) -> Tensor:
+def _canonical_t(t: Tensor, copies: list[tuple[Tensor, Tensor]]) -> Tensor:
     if t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0:
         return t
     out = _t_buffer(t.shape[0], t.shape[1], t.device)
-    out.copy_(t)
+    copies.append((out, t))
     return out
 
 
@@ -198,8 +198,11 @@ def _is_canonical(t: Tensor) -> bool:
     return t.is_contiguous() and t.data_ptr() % 16 == 0
 
 
-def canonical(t: Tensor) -> Tensor:
-    """``t`` itself when :func:`_is_canonical`, else a contiguous, aligned copy.
+def canonical(t: Tensor, copies: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``t`` itself when :func:`_is_canonical`, else a contiguous, aligned buffer that the
+    launch fills from ``t`` as its first steps (``copies`` collects ``(buffer, t)``; see
+    :func:`_prepend_copies`), so re-running the launch after ``t`` changed in place -- a CUDA
+    graph replay -- copies the new contents.
 
     Triton compiles a variant per divisibility class of every stride and alignment class of
     every pointer; a padded row stride or a misaligned start would each add one, and the
@@ -211,8 +214,14 @@ def canonical(t: Tensor) -> Tensor:
     if _is_canonical(t):
         return t
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    out.copy_(t)
+    copies.append((out, t))
     return out
+
+
+def _prepend_copies(launch: Launch, copies: list[tuple[Tensor, Tensor]]) -> Launch:
+    launch.steps[:0] = [functools.partial(buf.copy_, src) for buf, src in copies]
+    launch.records[:0] = [{"kernel": "copy_"} for _ in copies]
+    return launch
 
 
 def _row_tiles(m: int, s: int, block_m: int) -> int:
@@ -459,17 +468,19 @@ def plan_multi_lora_linear(
         _INDEX_DTYPES,
     )  # fmt: skip
     _dtype_name(x)  # TypeError naming x for other dtypes
-    x, lora_a, lora_bt = canonical(x), canonical(lora_a), canonical(lora_bt)
-    bias = None if bias is None else canonical(bias)
+    copies: list[tuple[Tensor, Tensor]] = []
+    x, lora_a, lora_bt = canonical(x, copies), canonical(lora_a, copies), canonical(lora_bt, copies)
+    bias = None if bias is None else canonical(bias, copies)
     m, k = x.shape
     n = weight.shape[0]
     if plan is None:
         plan = choose_plan(x, weight, meta)
     if plan.path == "fused":
-        return plan_fused(
+        fused = plan_fused(
             x, weight, bias, lora_a, lora_bt, slot_start, slot_rank, slot_scale,
             row_ptr, entry_ptr, entry_slot, entry_weight, meta, plan.fused,
         )  # fmt: skip
+        return _prepend_copies(fused, copies)
     if plan.path != "pair":
         raise ValueError(f"plan.path must be 'fused' or 'pair', got {plan.path!r}")
     # Pair: the base GEMM by torch (cuBLAS on CUDA), then the LoRA term added in place.
@@ -491,7 +502,7 @@ def plan_multi_lora_linear(
     for part in (shrink, expand):
         launch.steps += part.steps
         launch.records += part.records
-    return launch
+    return _prepend_copies(launch, copies)
 
 
 def plan_lora_shrink(
@@ -514,16 +525,21 @@ def plan_lora_shrink(
          "row_ptr": row_ptr, "entry_ptr": entry_ptr, "entry_slot": entry_slot},
         _INDEX_DTYPES,
     )  # fmt: skip
-    x, lora_a = canonical(x), canonical(lora_a)
+    copies: list[tuple[Tensor, Tensor]] = []
+    x, lora_a = canonical(x, copies), canonical(lora_a, copies)
     m, k = x.shape
     r_cap = meta.max_entries * meta.max_rank
     if split_k is None:
         split_k = dispatch.split_k_for(m, k, meta.max_rows, r_cap, _sm_count(x.device))
     if config is None:
         config = dispatch.shrink_config(r_cap, _dtype_name(x), arch=_arch(x.device))
-    return plan_shrink(
-        x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, meta, config, split_k
-    )
+    return _prepend_copies(
+        plan_shrink(
+            x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, meta, config,
+            split_k,
+        ),
+        copies,
+    )  # fmt: skip
 
 
 def plan_lora_expand(
@@ -554,13 +570,15 @@ def plan_lora_expand(
          "entry_slot": entry_slot, "entry_weight": entry_weight},
         _INDEX_DTYPES,
     )  # fmt: skip
-    lora_bt, t = canonical(lora_bt), _canonical_t(t)
+    copies: list[tuple[Tensor, Tensor]] = []
+    lora_bt, t = canonical(lora_bt, copies), _canonical_t(t, copies)
     if config is None:
         config = dispatch.expand_config(y.shape[1], _dtype_name(y, "y"), arch=_arch(y.device))
-    return plan_expand(
+    expand = plan_expand(
         y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
         entry_weight, meta, config,
     )  # fmt: skip
+    return _prepend_copies(expand, copies)
 
 
 def plan_fused_segmented(
@@ -619,8 +637,9 @@ def plan_fused_segmented(
             raise ValueError(
                 f"{name}: expected a contiguous [S={s}] tensor, got {tuple(seg.shape)}"
             )
-    x, lora_a, lora_bt = canonical(x), canonical(lora_a), canonical(lora_bt)
-    bias = None if bias is None else canonical(bias)
+    copies: list[tuple[Tensor, Tensor]] = []
+    x, lora_a, lora_bt = canonical(x, copies), canonical(lora_a, copies), canonical(lora_bt, copies)
+    bias = None if bias is None else canonical(bias, copies)
     r_cap = meta.max_entries * meta.max_rank
     if config is None:
         rows = max(1, min(meta.max_rows, m)) if m else 1
@@ -655,4 +674,4 @@ def plan_fused_segmented(
     }
     opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     _add_kernel(launch, _fused_segmented_kernel, grid, args, consts, opts)
-    return launch
+    return _prepend_copies(launch, copies)
