@@ -25,7 +25,7 @@ DEV_STAMP   := $(VENV)/.installed-dev
 # pytest's summary lists every skip with its reason (-rs); CI logs must show what did not run
 PYTEST := $(PY) -m pytest -q -rs
 
-.PHONY: setup test bench bench-full lint clean
+.PHONY: setup test bench bench-full lint clean gpu-check
 
 $(TORCH_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,13 @@ bench: $(BENCH_STAMP)
 
 bench-full: $(BENCH_STAMP)
 	$(VENV)/bin/lorakernels bench --full
+
+# On a GPU machine (torch + triton there, nothing downloadable): the one command of
+# benchmarks/GPU.md. Runs from this checkout with .venv's python if there is one, else the
+# python already installed; the script path (not -m) answers even where torch is missing.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) lorakernels/gpu_check.py --out gpu-results
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .

@@ -15,7 +15,30 @@ Cross-attention ``to_k``/``to_v`` see the 77-token prompt (their output can be c
 request; they are listed anyway). SD1.5 ``proj_in``/``proj_out`` are 1x1 convolutions, the
 same GEMM.
 
-Usage: ``python benchmarks/roofline.py [--rank 16] [--entries 1] [--images 1] [--dtype bfloat16]``
+Usage: ``python benchmarks/roofline.py [--gpu H100|H200|A100] [--rank 16] [--entries 1]
+[--images 1] [--dtype bfloat16]``. ``--gpu`` picks the data-sheet constants
+(:data:`~lorakernels.kernels.triton.dispatch.MACHINES`) and, with them, the dispatch decision
+the launcher makes on that GPU (it looks the constants up by device name); A100 uses the sm_80
+table.
+
+Known gaps on Hopper (H100/H200; not modelled here, which is why ``make gpu-check``'s measured
+ratios, not these floors, decide what to build next):
+
+* no TMA loads and no warp specialization: operands go through ``cp.async``-style pipelined
+  loads issued by the compute warps (Triton 3.9 without ``tl.make_tensor_descriptor``);
+* no persistent scheduling: one program per output tile, so at 77-row text layers (a handful
+  of tiles) most of the 132 SMs idle -- split-K exists only in the shrink;
+* the 64x64 four-warp tiles picked for N <= 384 (SD1.5's 320-wide layers) issue one small
+  ``wgmma`` (m64n64) per K step, below the 128x128 tiles Hopper needs near its peak;
+* the fused kernel recomputes the shrink for every N tile of a row tile (``Rp/BN`` of the base
+  FLOPs: 12.5 % at rank 16 and BLOCK_N 128);
+* the csrc kernels (cuda backend) have no ``cp.async`` pipelining at all.
+
+The H200 changes only the bandwidth (4.8 vs 3.35 TB/s): its ridge point drops from ~295 to
+~206 FLOP/B, so more layers are compute bound and the extra MMA work of the LoRA (the
+recompute above) hides under memory time at fewer shapes: predicted overhead of all SD1.5
+transformer linears, rank 16, bf16, one image with guidance: 9.8 % on H100, 14.7 % on H200
+(SDXL 14.6 -> 15.0 %); A100 (sm_80 table) 19.9 %.
 """
 
 from __future__ import annotations
@@ -68,13 +91,16 @@ def unet_layers() -> list[Layer]:
     return sd15 + sdxl
 
 
-def floor(costs: list[dispatch.Cost], dtype: str) -> float:
+GPUS = {"A100": dispatch.A100, "H100": dispatch.H100, "H200": dispatch.H200}
+
+
+def floor(costs: list[dispatch.Cost], dtype: str, machine: dispatch.Machine) -> float:
     """Roofline seconds without launch overhead."""
-    no_launch = dispatch.Machine("H100 SXM, no launch cost", *_H100_RATES, 0.0, 132)
+    no_launch = dispatch.Machine(
+        f"{machine.name}, no launch cost", machine.mma_flops_16bit, machine.fma_flops_fp32,
+        machine.bandwidth, 0.0, machine.sm_count, machine.mma_flops_tf32,
+    )  # fmt: skip
     return dispatch.seconds(costs, dtype, no_launch)
-
-
-_H100_RATES = (dispatch.H100.mma_flops_16bit, dispatch.H100.fma_flops_fp32, dispatch.H100.bandwidth)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,13 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--entries", type=int, default=1, help="adapters mixed per sample")
     parser.add_argument("--images", type=int, default=1, help="images (x2 samples for CFG)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16"))
-    parser.add_argument("--arch", type=int, default=90, choices=dispatch.ARCHS)
+    parser.add_argument("--gpu", default="H100", choices=sorted(GPUS))
     args = parser.parse_args(argv)
     samples, r = 2 * args.images, args.rank * args.entries
+    machine = GPUS[args.gpu]
+    args.arch = 80 if machine is dispatch.A100 else 90
 
     print(
-        f"PREDICTION (roofline, not measured): H100 SXM {_H100_RATES[0] / 1e12:.0f} TFLOP/s, "
-        f"{_H100_RATES[2] / 1e12:.2f} TB/s; {args.dtype}; {samples} samples "
+        f"PREDICTION (roofline, not measured): {machine.name} "
+        f"{machine.mma_flops_16bit / 1e12:.0f} TFLOP/s, {machine.bandwidth / 1e12:.2f} TB/s; "
+        f"{args.dtype}; {samples} samples "
         f"({args.images} image(s) x CFG), summed rank {r} per sample ({args.entries} x "
         f"rank {args.rank}), table sm_{args.arch}"
     )
@@ -104,13 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     for layer in unet_layers():
         m = samples * layer.rows
         plan = dispatch.choose(m, layer.n, layer.k, layer.rows, args.entries, args.rank,
-                               args.dtype, arch=args.arch)  # fmt: skip
+                               args.dtype, arch=args.arch, sm_count=machine.sm_count,
+                               machine=machine)  # fmt: skip
         base = dispatch.base_costs(m, layer.n, layer.k, args.dtype)
         if plan.path == "fused":
             ours = dispatch.fused_costs(m, layer.n, layer.k, layer.rows, r, args.dtype, args.arch)
         else:
             ours = dispatch.pair_costs(m, layer.n, layer.k, layer.rows, r, args.dtype, args.arch)
-        t_base, t_ours = floor(base, args.dtype), floor(ours, args.dtype)
+        t_base, t_ours = floor(base, args.dtype, machine), floor(ours, args.dtype, machine)
         total = totals.setdefault(layer.model, [0.0, 0.0])
         total[0] += layer.count * t_base
         total[1] += layer.count * t_ours

@@ -251,14 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.stage:
         return _run_body(args.stage, args.out / f"{args.stage}.json")
+    stages = ", ".join(f"{s.name} ({s.budget_s} s)" for s in STAGES)
     try:
         import torch
-
-        has_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_cuda = False
-    if not has_cuda:
-        stages = ", ".join(f"{s.name} ({s.budget_s} s)" for s in STAGES)
+    except ImportError as exc:
+        print(f"torch is not importable ({exc}); would have run: {stages}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
         print(f"no CUDA device found; would have run: {stages}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)

@@ -472,3 +472,25 @@ def test_opcheck(emulated_ops, monkeypatch) -> None:
     y = c["y_in"].contiguous()
     torch.library.opcheck(torch.ops.lorakernels.sgmv_expand.default, (y, *rest))
     torch.library.opcheck(torch.ops.lorakernels.sgmv_expand_.default, (y.half(), *rest))
+
+
+def test_arrays_reinterpreted_as_vectors_are_16_byte_aligned() -> None:
+    """``copy_bytes<8|16>`` reads/writes local arrays as ``uint2``/``uint4``: each such array
+    is declared ``alignas(16)`` (issue 9, item 12; 2-byte alignment only works while the array
+    stays in registers)."""
+    import re
+
+    found = set()
+    for path in sorted((ROOT / "csrc" / "cuda").glob("*.cuh")):
+        text = path.read_text()
+        for call in re.finditer(r"copy_bytes<[^;]*?>\((.*?)\);", text, flags=re.DOTALL):
+            heads = [re.match(r"\s*(?:reinterpret_cast<[^>]*>\()?&?\s*([a-z_]\w*)", arg)
+                     for arg in call.group(1).split(",")]  # fmt: skip
+            for name in {h.group(1) for h in heads if h}:
+                decl = re.search(rf"^\s*(alignas\(16\)\s+)?\w+ {name}\[[\w *()]+\];", text,
+                                 flags=re.MULTILINE)  # fmt: skip
+                if decl is None:
+                    continue  # a pointer (global or shared memory) or an index, not an array
+                found.add((path.name, name))
+                assert decl.group(1), f"{path.name}: local array {name!r} lacks alignas(16)"
+    assert len(found) >= 3, found

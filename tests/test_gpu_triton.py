@@ -206,3 +206,41 @@ def test_launch_runs_on_the_tensors_device_not_the_current_one():
     torch.cuda.synchronize(1)
     oracle = testing.peft_style_oracle(problem)
     assert (y.double().cpu() - oracle).abs().max().item() <= testing.tolerance(problem, oracle)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_segmented_kernel_merged_and_unmerged_in_one_launch(dtype):
+    """Issue 13, item 4 on the GPU: samples on the base weight with LoRA, on a merged weight
+    without, and on the base weight without LoRA, in one launch."""
+    k, n = (320, 640) if ON_GPU else (48, 64)
+    ranks = [4, 16, 8]
+    mixtures = [[(0, 1.0), (1, -0.5)], [(2, 1.5)], [], [(1, 0.75)]]
+    rows = [150, 77, 5, 64] if ON_GPU else [18, 9, 5, 7]
+    case = make_case(dtype, rows, k, n, ranks, mixtures, seed=61, max_entries=2)
+    a = case.args
+    w64 = a["weight"].double()
+    lo, hi = a["slot_start"][2].item(), a["slot_start"][2].item() + ranks[2]
+    coef = 1.5 * a["slot_scale"][2].item()
+    delta = coef * a["lora_bt"][lo:hi].double().T @ a["lora_a"][lo:hi].double()
+    merged = (w64 + delta).to(dtype)[None]
+    seg_weight = torch.tensor([-1, 0, -1, -1], dtype=torch.int32)
+    seg_lora = torch.tensor([1, 0, 0, 1], dtype=torch.int32)
+    g = to_device(a)
+    with _tf32(False):
+        job = launch.plan_fused_segmented(
+            g["x"], g["weight"], merged.to(DEVICE), seg_weight.to(DEVICE), seg_lora.to(DEVICE),
+            g["bias"], g["lora_a"], g["lora_bt"], g["slot_start"], g["slot_rank"],
+            g["slot_scale"], g["row_ptr"], g["entry_ptr"], g["entry_slot"], g["entry_weight"],
+            case.meta,
+        )  # fmt: skip
+        job.out.fill_(float("nan"))
+        out = job().cpu()
+    from test_triton_interpret import reference64
+
+    ref = reference64(case)
+    x64, b64 = a["x"].double(), a["bias"].double()
+    ptr = a["row_ptr"].tolist()
+    ref[ptr[1] : ptr[2]] = x64[ptr[1] : ptr[2]] @ merged[0].double().T + b64
+    tol = 4 * torch.finfo(dtype).eps * ref.abs().max().item()
+    assert bool(torch.isfinite(out).all())
+    assert (out.double() - ref).abs().max().item() <= tol

@@ -83,6 +83,7 @@ class Spec:
 # real launch plans that the dispatcher meets no other.
 SPECS = {
     "fused": [Spec(True), Spec(False)],
+    "segmented": [Spec(True), Spec(False)],  # the fused kernel with per-sample weights
     "shrink": [Spec(False, k, 320) for k in (320, 77)],
     "expand": [Spec(False, 320, n) for n in (320, 328)],
 }
@@ -110,7 +111,7 @@ def _plans(dtype: str, kind: str, config, spec: Spec) -> list[dict]:
     td = _TORCH_DTYPES[dtype]
     m, k, n, s = 8192, spec.k, spec.n, 2
     # Capacities the config is chosen for: one rank block unless it loops over several.
-    single = kind == "fused" and not config.multi_block
+    single = kind in ("fused", "segmented") and not config.multi_block
     max_entries, max_rank = (1, config.block_r) if single else spec.width
     bank_rows = 512
     meta_dev = torch.device("meta")
@@ -133,6 +134,12 @@ def _plans(dtype: str, kind: str, config, spec: Spec) -> list[dict]:
             plan = launch.plan_fused(
                 x, w, b, a, bt, starts, ranks, scales, row_ptr, entry_ptr, entry_slot,
                 entry_weight, meta, config,
+            )  # fmt: skip
+        elif kind == "segmented":
+            merged, seg = t(3, n, k), t(s, dt=i32)
+            plan = launch.plan_fused_segmented(
+                x, w, merged, seg, seg, b, a, bt, starts, ranks, scales, row_ptr, entry_ptr,
+                entry_slot, entry_weight, meta, config,
             )  # fmt: skip
         elif kind == "shrink":
             plan = launch.plan_shrink(
@@ -242,7 +249,9 @@ def _jobs() -> list[tuple]:
     specialization; fp32 pair kernels with and without TF32. Jobs that Triton would compile
     identically are listed once."""
     jobs, seen = [], set()
-    for kind, configs in dispatch.all_configs().items():
+    tables = dict(dispatch.all_configs())
+    tables["segmented"] = tables["fused"]  # same tiles, per-sample weight entry (issue 13)
+    for kind, configs in tables.items():
         for arch, dtype, config in configs:
             for spec in SPECS[kind]:
                 for tf32 in (False, True) if dtype == "float32" else (False,):
@@ -307,9 +316,12 @@ else:
             for kind, items in dispatch.all_configs().items()
             for arch, dtype, config in items
         }  # fmt: skip
-        assert configs == want
+        assert configs - {c for c in configs if c[2] == "_fused_segmented_kernel"} == want
+        segmented = {(a, d, c) for a, d, k, c in configs if k == "_fused_segmented_kernel"}
+        assert segmented == {(a, d, c) for a, d, k, c in want if k == "_fused_multi_lora_kernel"}
         kinds = {r.kernel for r in compiled}
-        assert kinds == {"_fused_multi_lora_kernel", "_lora_shrink_kernel", "_lora_expand_kernel"}
+        assert kinds == {"_fused_multi_lora_kernel", "_fused_segmented_kernel",
+                         "_lora_shrink_kernel", "_lora_expand_kernel"}  # fmt: skip
 
     def test_no_register_spills(compiled):
         spilling = [r for r in compiled if r.stack_bytes or r.local_bytes]
@@ -322,9 +334,7 @@ else:
     def test_16bit_fused_kernel_uses_tensor_cores(compiled):
         want_ptx = {80: "mma.sync", 90: "wgmma.mma_async"}
         want_sass = {80: "HMMA", 90: "HGMMA"}
-        fused = [
-            r for r in compiled if r.kernel == "_fused_multi_lora_kernel" and r.dtype != "float32"
-        ]
+        fused = [r for r in compiled if r.kernel.startswith("_fused") and r.dtype != "float32"]
         assert fused
         missing = [
             r
@@ -334,9 +344,7 @@ else:
         assert not missing, format_table(missing)
 
     def test_16bit_pair_kernels_use_tensor_cores(compiled):
-        pair = [
-            r for r in compiled if r.kernel != "_fused_multi_lora_kernel" and r.dtype != "float32"
-        ]
+        pair = [r for r in compiled if r.kernel.startswith("_lora") and r.dtype != "float32"]
         assert pair
         missing = [r for r in pair if not r.sass_mma]
         assert not missing, format_table(missing)

@@ -111,8 +111,9 @@ def test_x_is_made_canonical_before_launch(layout):
         args["x"] = torch.empty(64 * 320 + 1, dtype=torch.float16, device=META)[1:].view(64, 320)
     assert not launch._is_canonical(args["x"])
     job = launch.plan_multi_lora_linear(**args, meta=LaunchMeta(32, 1, 16))
-    (record,) = job.records
-    x = record["args"][0]
+    # the copy is a step of the launch (a replay re-copies x), then the kernel
+    assert [r["kernel"] for r in job.records] == ["copy_", "_fused_multi_lora_kernel"]
+    x = job.records[1]["args"][0]
     assert x.is_contiguous() and x.data_ptr() % 16 == 0 and x.stride(0) == 320
 
 

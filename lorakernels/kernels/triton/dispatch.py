@@ -37,7 +37,8 @@ The rule (:func:`choose`) evaluates both with the same roofline (``max(FLOPs/pea
 bytes/bandwidth)`` plus a fixed cost per launch) and picks the smaller. The machine numbers
 are data-sheet values per GPU (:data:`MACHINES`: A100 SXM, H100 SXM/PCIe, H200; unknown GPUs
 use H100 SXM); the decision depends mostly on their ratio -- the H200's 4.8 TB/s moves the
-ridge from ~295 to ~206 FLOP/B, so more layers are memory bound and stay fused. Tile shapes
+ridge from ~295 to ~206 FLOP/B, so more layers are compute bound and the pair wins at more
+shapes (``benchmarks/roofline.py --gpu H200``). Tile shapes
 were chosen from the AOT register report (``tests/test_triton_aot.py``: every config in every
 argument specialization it can meet); none has been timed on a GPU yet (README "What has run
 where"). The decision is cached per (shapes, capacities, dtype, GPU): it costs ~12 us to

@@ -185,11 +185,11 @@ def _t_buffer(m: int, width: int, device: torch.device) -> Tensor:
     return torch.empty((m, padded), dtype=torch.float32, device=device)[:, :width]
 
 
-def _canonical_t(t: Tensor) -> Tensor:
+def _canonical_t(t: Tensor, copies: list[tuple[Tensor, Tensor]]) -> Tensor:
     if t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0:
         return t
     out = _t_buffer(t.shape[0], t.shape[1], t.device)
-    out.copy_(t)
+    copies.append((out, t))
     return out
 
 
@@ -198,8 +198,11 @@ def _is_canonical(t: Tensor) -> bool:
     return t.is_contiguous() and t.data_ptr() % 16 == 0
 
 
-def canonical(t: Tensor) -> Tensor:
-    """``t`` itself when :func:`_is_canonical`, else a contiguous, aligned copy.
+def canonical(t: Tensor, copies: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``t`` itself when :func:`_is_canonical`, else a contiguous, aligned buffer that the
+    launch fills from ``t`` as its first steps (``copies`` collects ``(buffer, t)``; see
+    :func:`_prepend_copies`), so re-running the launch after ``t`` changed in place -- a CUDA
+    graph replay -- copies the new contents.
 
     Triton compiles a variant per divisibility class of every stride and alignment class of
     every pointer; a padded row stride or a misaligned start would each add one, and the
@@ -211,8 +214,14 @@ def canonical(t: Tensor) -> Tensor:
     if _is_canonical(t):
         return t
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    out.copy_(t)
+    copies.append((out, t))
     return out
+
+
+def _prepend_copies(launch: Launch, copies: list[tuple[Tensor, Tensor]]) -> Launch:
+    launch.steps[:0] = [functools.partial(buf.copy_, src) for buf, src in copies]
+    launch.records[:0] = [{"kernel": "copy_"} for _ in copies]
+    return launch
 
 
 def _row_tiles(m: int, s: int, block_m: int) -> int:
@@ -459,17 +468,19 @@ def plan_multi_lora_linear(
         _INDEX_DTYPES,
     )  # fmt: skip
     _dtype_name(x)  # TypeError naming x for other dtypes
-    x, lora_a, lora_bt = canonical(x), canonical(lora_a), canonical(lora_bt)
-    bias = None if bias is None else canonical(bias)
+    copies: list[tuple[Tensor, Tensor]] = []
+    x, lora_a, lora_bt = canonical(x, copies), canonical(lora_a, copies), canonical(lora_bt, copies)
+    bias = None if bias is None else canonical(bias, copies)
     m, k = x.shape
     n = weight.shape[0]
     if plan is None:
         plan = choose_plan(x, weight, meta)
     if plan.path == "fused":
-        return plan_fused(
+        fused = plan_fused(
             x, weight, bias, lora_a, lora_bt, slot_start, slot_rank, slot_scale,
             row_ptr, entry_ptr, entry_slot, entry_weight, meta, plan.fused,
         )  # fmt: skip
+        return _prepend_copies(fused, copies)
     if plan.path != "pair":
         raise ValueError(f"plan.path must be 'fused' or 'pair', got {plan.path!r}")
     # Pair: the base GEMM by torch (cuBLAS on CUDA), then the LoRA term added in place.
@@ -491,7 +502,7 @@ def plan_multi_lora_linear(
     for part in (shrink, expand):
         launch.steps += part.steps
         launch.records += part.records
-    return launch
+    return _prepend_copies(launch, copies)
 
 
 def plan_lora_shrink(
@@ -514,16 +525,21 @@ def plan_lora_shrink(
          "row_ptr": row_ptr, "entry_ptr": entry_ptr, "entry_slot": entry_slot},
         _INDEX_DTYPES,
     )  # fmt: skip
-    x, lora_a = canonical(x), canonical(lora_a)
+    copies: list[tuple[Tensor, Tensor]] = []
+    x, lora_a = canonical(x, copies), canonical(lora_a, copies)
     m, k = x.shape
     r_cap = meta.max_entries * meta.max_rank
     if split_k is None:
         split_k = dispatch.split_k_for(m, k, meta.max_rows, r_cap, _sm_count(x.device))
     if config is None:
         config = dispatch.shrink_config(r_cap, _dtype_name(x), arch=_arch(x.device))
-    return plan_shrink(
-        x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, meta, config, split_k
-    )
+    return _prepend_copies(
+        plan_shrink(
+            x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, meta, config,
+            split_k,
+        ),
+        copies,
+    )  # fmt: skip
 
 
 def plan_lora_expand(
@@ -554,10 +570,108 @@ def plan_lora_expand(
          "entry_slot": entry_slot, "entry_weight": entry_weight},
         _INDEX_DTYPES,
     )  # fmt: skip
-    lora_bt, t = canonical(lora_bt), _canonical_t(t)
+    copies: list[tuple[Tensor, Tensor]] = []
+    lora_bt, t = canonical(lora_bt, copies), _canonical_t(t, copies)
     if config is None:
         config = dispatch.expand_config(y.shape[1], _dtype_name(y, "y"), arch=_arch(y.device))
-    return plan_expand(
+    expand = plan_expand(
         y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
         entry_weight, meta, config,
     )  # fmt: skip
+    return _prepend_copies(expand, copies)
+
+
+def plan_fused_segmented(
+    x: Tensor,
+    weight: Tensor,
+    merged: Tensor,
+    seg_weight: Tensor,
+    seg_lora: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_bt: Tensor,
+    slot_start: Tensor,
+    slot_rank: Tensor,
+    slot_scale: Tensor,
+    row_ptr: Tensor,
+    entry_ptr: Tensor,
+    entry_slot: Tensor,
+    entry_weight: Tensor,
+    meta: LaunchMeta,
+    config: dispatch.FusedConfig | None = None,
+) -> Launch:
+    """One launch of :mod:`.segmented`: per sample the base or a merged weight, with or
+    without its LoRA terms (``merged [G, N, K]``, ``seg_weight``/``seg_lora`` ``int32 [S]``).
+
+    fp16/bf16 only (fp32 has no fused path), K and N multiples of 16 and a canonical
+    ``weight``/``merged`` (the class the kernel is compiled and checked for); otherwise
+    ValueError naming the argument. ``config`` defaults to the dispatch table's fused tile.
+    """
+    from .segmented import _fused_segmented_kernel
+
+    _check_meta(meta)
+    _check(
+        x,
+        {"weight": weight, "merged": merged, "seg_weight": seg_weight, "seg_lora": seg_lora,
+         "bias": bias, "lora_a": lora_a, "lora_bt": lora_bt, "slot_start": slot_start,
+         "slot_rank": slot_rank, "slot_scale": slot_scale, "row_ptr": row_ptr,
+         "entry_ptr": entry_ptr, "entry_slot": entry_slot, "entry_weight": entry_weight},
+        {**_INDEX_DTYPES, "seg_weight": torch.int32, "seg_lora": torch.int32},
+    )  # fmt: skip
+    dtype = _dtype_name(x)
+    if dtype == "float32":
+        raise TypeError(
+            "x: the segmented fused kernel runs float16/bfloat16 (fp32 has no fused path)"
+        )
+    m, k = x.shape
+    n = weight.shape[0]
+    s = row_ptr.numel() - 1
+    if k % 16 or n % 16:
+        raise ValueError(f"weight: K={k} and N={n} must be multiples of 16 for the fused kernel")
+    if merged.dim() != 3 or tuple(merged.shape[1:]) != (n, k):
+        raise ValueError(f"merged: expected [G, {n}, {k}], got {tuple(merged.shape)}")
+    if not (_is_canonical(weight) and _is_canonical(merged)):
+        raise ValueError("weight, merged: must be contiguous and start 16-byte aligned")
+    for name, seg in (("seg_weight", seg_weight), ("seg_lora", seg_lora)):
+        if seg.shape != (s,) or not seg.is_contiguous():
+            raise ValueError(
+                f"{name}: expected a contiguous [S={s}] tensor, got {tuple(seg.shape)}"
+            )
+    copies: list[tuple[Tensor, Tensor]] = []
+    x, lora_a, lora_bt = canonical(x, copies), canonical(lora_a, copies), canonical(lora_bt, copies)
+    bias = None if bias is None else canonical(bias, copies)
+    r_cap = meta.max_entries * meta.max_rank
+    if config is None:
+        rows = max(1, min(meta.max_rows, m)) if m else 1
+        config = dispatch.fused_config(rows, n, r_cap, dtype, arch=_arch(x.device))
+    if r_cap > config.block_r and not config.multi_block:
+        raise ValueError(
+            f"config: block_r={config.block_r} without multi_block cannot hold the summed rank "
+            f"capacity {r_cap} (meta.max_entries * meta.max_rank)"
+        )
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    launch = Launch(y)
+    if m == 0 or n == 0:
+        return launch
+    grid = _row_tiles(m, s, config.block_m) * _cdiv(n, config.block_n)
+    args = (
+        x, weight, merged, seg_weight, seg_lora, bias, lora_a, lora_bt, slot_start, slot_rank,
+        slot_scale, row_ptr, entry_ptr, entry_slot, entry_weight, y,
+        n, k, s, merged.shape[0], meta.max_entries, meta.max_rank, slot_rank.numel(),
+        lora_a.shape[0], x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        n * k, lora_a.stride(0), lora_a.stride(1), lora_bt.stride(0), lora_bt.stride(1),
+        y.stride(0), y.stride(1),
+    )  # fmt: skip
+    consts = {
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": config.block_k,
+        "BLOCK_R": config.block_r,
+        "BLOCK_S": _BLOCK_S,
+        "MULTI_BLOCK": config.multi_block,
+        "SPLIT_T": True,
+        **_numerics(dtype, interpreting()),
+    }
+    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    _add_kernel(launch, _fused_segmented_kernel, grid, args, consts, opts)
+    return _prepend_copies(launch, copies)
