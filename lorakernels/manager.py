@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import itertools
 import math
 import threading
 import warnings
@@ -52,6 +53,7 @@ Plan = list[tuple[str, Tensor, Tensor, float]]
 # (a style + a character + 2 more) and a larger mixture raises it to its real count. It also
 # enters the Triton tile choice, so changing it changes kernel configs.
 _MAX_ENTRIES_HINT = 4
+_TOKENS = itertools.count()
 
 
 def _as_predicate(targets: Target | Sequence[Target] | None) -> Callable[[str, nn.Module], bool]:
@@ -167,12 +169,14 @@ class MultiLoRA:
         self._free: list[int] = []
         self._next_slot = 0
         self.layers: dict[str, Layer] = {}
+        self._banks: dict[str, LoRABank] = {}  # the layers' banks (module getattr costs ~1 µs)
         self._batches: dict[tuple[int, tuple[int, ...] | None], list[LoRABatch]] = {}
         self._active_batches: set[int] = set()
         self._owned: set[str] = set()  # library entries that load() created
         self._empty: dict[str, Any] = {}  # adapter -> stamp: known to have no layer here
         self._mappings: dict[str, tuple[Any, list[tuple[str, int]]]] = {}
         self._module_names: list[str] | None = None
+        self._token = next(_TOKENS)  # this manager's key for what it memoises in the library
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._open_threads: dict[int, int] = {}
@@ -270,6 +274,7 @@ class MultiLoRA:
             new.lora_bank.register(slot)
         self._set(name, new)
         self.layers[name] = new
+        self._banks[name] = new.lora_bank
         return new
 
     def _set(self, name: str, module: nn.Module) -> None:
@@ -279,6 +284,7 @@ class MultiLoRA:
 
     def _unpatch_one(self, name: str) -> None:
         layer = self.layers.pop(name)
+        self._banks.pop(name, None)
         orig = layer.unpatched() if isinstance(layer, MultiLoRALinear) else _plain_conv(layer)
         self._set(name, orig)
 
@@ -332,9 +338,17 @@ class MultiLoRA:
 
     def _plan(self, name: str, *, strict: bool = True) -> Plan | None:
         """The adapter's layers for this model (``None``: no weights here), checked against
-        the layers' shapes. Reads the file through the library (host cache); runs outside
-        the manager lock."""
+        the layers' shapes. Reads the file through the library (host cache) and memoises the
+        plan with the cache entry; runs outside the manager lock."""
         source, stamp = self.library.get(name)
+        return self.library.derived(
+            name,
+            stamp,
+            (self._token, strict),
+            lambda: self._build_plan(name, source, stamp, strict),
+        )
+
+    def _build_plan(self, name: str, source: Any, stamp: Any, strict: bool) -> Plan | None:
         if isinstance(source, LoRAFile):
             comp = self._component_of(name, dict.fromkeys(lay.component for lay in source.layers))
             if comp is None:
@@ -483,26 +497,27 @@ class MultiLoRA:
             )
         slot = self._free.pop() if self._free else self._take_new_slot()
         patched: list[str] = []
-        done: list[Layer] = []
+        done: list[LoRABank] = []
         try:
             for path, a, b, scale in plan:
                 if path not in self.layers:
                     self._patch(path)
                     patched.append(path)
-                layer = self.layers[path]
-                bank = layer.lora_bank
-                before = bank.lora_a.data_ptr()
-                bank.add(slot, a, b, scale, f"adapter {name!r} layer {path}", compact=False)
-                if bank.lora_a.data_ptr() != before:
+                bank = self._banks[path]
+                before = bank.tensors()[0]
+                bank.add(
+                    slot, a, b, scale, f"adapter {name!r} layer {path}", compact=False, checked=True
+                )
+                if bank.tensors()[0] is not before:
                     self.reallocations += 1
-                done.append(layer)
-            for layer in self.layers.values():
-                layer.lora_bank.register(slot)
+                done.append(bank)
+            for bank in self._banks.values():
+                bank.register(slot)
         except BaseException:
-            for layer in done:
-                layer.lora_bank.remove(slot)
-            for layer in self.layers.values():
-                layer.lora_bank.unregister(slot)
+            for bank in done:
+                bank.remove(slot)
+            for bank in self._banks.values():
+                bank.unregister(slot)
             for path in patched:
                 self._unpatch_one(path)
             self._free.append(slot)
@@ -525,11 +540,11 @@ class MultiLoRA:
             return True
         rows = self.pool.budget.rows_per_layer
         for path, r in need_rows.items():
-            layer = self.layers.get(path)
-            if layer is None:
+            bank = self._banks.get(path)
+            if bank is None:
                 if r > rows:
                     return False
-            elif not layer.lora_bank.fits(r, compact=compact):
+            elif not bank.fits(r, compact=compact):
                 return False
         return True
 
@@ -545,8 +560,8 @@ class MultiLoRA:
 
     def _evict(self, name: str) -> None:
         slot = self.slots.pop(name)
-        for layer in self.layers.values():
-            layer.lora_bank.remove(slot)
+        for bank in self._banks.values():
+            bank.remove(slot)
         self._free.append(slot)
         self.pool.lru.pop(name, None)
 
@@ -754,9 +769,8 @@ class MultiLoRA:
         for name in with_weights:
             if name in self.slots:
                 slot = self.slots[name]
-                for path, layer in self.layers.items():
-                    r = layer.lora_bank.slots().get(slot, (0, 0, 0.0))[1]
-                    rows[path] = rows.get(path, 0) + r
+                for path, bank in self._banks.items():
+                    rows[path] = rows.get(path, 0) + bank.rank_of(slot)
             else:
                 for path, a, _, _ in plans.get(name) or []:
                     rows[path] = rows.get(path, 0) + a.shape[0]
