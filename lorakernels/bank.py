@@ -43,7 +43,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-_ROW_PAGE = 16  # growable banks grow in multiples of 16 rank rows
+_ROW_PAGE = 16
+try:  # numpy is optional: without it, metadata writes go through torch (slower, same result)
+    import numpy  # noqa: F401
+
+    _HAS_NUMPY = True
+except ImportError:
+    _HAS_NUMPY = False  # growable banks grow in multiples of 16 rank rows
 
 
 def _round_up(n: int, m: int) -> int:
@@ -133,7 +139,7 @@ class LoRABank(nn.Module):
         t = (b["lora_a"], b["lora_bt"], b["slot_start"], b["slot_rank"], b["slot_scale"])
         self._h.tensors = t
         self._h.host_views = None
-        if all(x.device.type == "cpu" and x.is_contiguous() for x in t):
+        if all(x.device.type == "cpu" and x.is_contiguous() for x in t) and _HAS_NUMPY:
             self._h.host_views = (
                 t[2].numpy(), t[3].numpy(), t[4].numpy(),
                 t[0].view(torch.uint8).numpy(), t[1].view(torch.uint8).numpy(),
