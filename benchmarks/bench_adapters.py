@@ -5,23 +5,25 @@ Three measurements (``--part scan|switch|many|all``), printed as a small table p
 
 * ``scan``: ``AdapterLibrary.add_dir`` over 2,000 generated kohya files (headers only).
 * ``switch``: the full-size SD1.5 UNet (random weights, built from SD1.5's config, no
-  download) and the two real SD1.5 fixture files (``../shared/fixtures``; the third ``sd15_`` file is an
-  SD2 LoRA).
+  download) and the two real SD1.5 fixture files (``../shared/fixtures``; the third
+  ``sd15_`` file is an SD2 LoRA).
   Ours: the time of entering ``use()`` with an adapter that is not resident, which reads,
   converts and writes it into the banks (``cold``: host cache off, the file is read;
   ``warm``: from the host cache), evicting the previous one (one resident slot). diffusers:
   ``lora_state_dict`` + ``load_lora_adapter`` + ``set_adapters`` on the same files (its cold
   path), and ``set_adapters`` among already-loaded adapters. The UNet forward that follows is
   the same for both and is not included.
-* ``many``: ``--steps`` UNet steps of a small SD-like UNet (``sd15-small`` widths, 32×32
-  latents), each of 4 samples drawing adapters from 1,000 generated files with zipf(1.0)
-  popularity (a quarter of the samples mix two), with 32 resident slots and the next step's
-  adapters prefetched while the current step runs; against the same steps with every
-  adapter they use resident from the start. Step = ``use()`` + forward; outputs of the two
+* ``many``: ``--steps`` UNet steps of a small SD-like UNet (``--model``, default ``tiny``:
+  SD1.5's block types at widths 32/64, 16×16 latents; ``sd15-small`` is 4× wider), each of 4
+  samples drawing adapters from 1,000 generated files with zipf(1.0) popularity (a quarter of
+  the samples mix two), with 32 resident slots and the next step's adapters prefetched while
+  the current step runs; against the same steps with every adapter they use resident from
+  the start. Step = ``use()`` + forward; outputs of the two
   runs are checked equal first.
 
 The machine is shared: the load average is printed with the numbers; medians of interleaved
-repeats are reported.
+repeats are reported. On a loaded 2-core machine use ``--threads 1``: with 2 threads, torch's
+intra-op workers stall each other (the tiny UNet step: 75 ms on 1 thread, 0.24-5 s on 2).
 
     PYTHONPATH=. python benchmarks/bench_adapters.py --part all --json results/adapters.json
 """
@@ -180,11 +182,11 @@ def bench_switch(repeats: int, fixtures: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- many
-def bench_many(steps: int, adapters: int, slots: int) -> dict:
+def bench_many(steps: int, adapters: int, slots: int, model: str, latent: int) -> dict:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    cfg = {**MODELS["sd15-small"], "sample_size": 32}
+    cfg = {**MODELS[model], "sample_size": latent}
     unet_pool = UNet2DConditionModel(**cfg).eval().requires_grad_(False)
     unet_all = UNet2DConditionModel(**cfg).eval().requires_grad_(False)
     unet_all.load_state_dict(unet_pool.state_dict())
@@ -209,11 +211,11 @@ def bench_many(steps: int, adapters: int, slots: int) -> dict:
         full = lorakernels.diffusers.patch(unet_all, library=lib)
         full.ensure_loaded(needed)
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(4, 4, 32, 32, generator=g)
+        x = torch.randn(4, 4, latent, latent, generator=g)
         ctx = torch.randn(4, 77, cfg["cross_attention_dim"], generator=g)
 
         def step(lora, unet, i: int):
-            with lora.use(unet=plan[i]):
+            with lora.use(unet=plan[i]), torch.inference_mode():
                 return unet(x, 500, ctx).sample
 
         # correctness first: the pool's outputs equal the all-resident run's
@@ -236,6 +238,8 @@ def bench_many(steps: int, adapters: int, slots: int) -> dict:
         st = pool.stats()
     hits, misses = st["hits"] - before["hits"], st["misses"] - before["misses"]
     return {
+        "model": model,
+        "latent": latent,
         "steps": steps,
         "adapters": adapters,
         "slots": slots,
@@ -258,6 +262,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--adapters", type=int, default=1000)
     ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    ap.add_argument("--latent", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--fixtures", type=Path, default=FIXTURES)
@@ -273,7 +279,7 @@ def main() -> None:
         doc["switch"] = bench_switch(args.repeats, args.fixtures)
         print(f"switch: {doc['switch']}", flush=True)
     if args.part in ("many", "all"):
-        doc["many"] = bench_many(args.steps, args.adapters, args.slots)
+        doc["many"] = bench_many(args.steps, args.adapters, args.slots, args.model, args.latent)
         print(f"many: {doc['many']}", flush=True)
     doc["load_after"] = _load()
     print(f"{doc['load_before']} -> {doc['load_after']}")
