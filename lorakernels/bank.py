@@ -64,12 +64,13 @@ class _Host:
     """Host-side state of a bank, kept off ``nn.Module`` attribute handling (whose
     ``__setattr__``/``__getattr__`` cost ~10 µs per bank update: 30 % of a warm switch)."""
 
-    __slots__ = ("used", "max_rank", "version", "free", "slots", "registered", "slot_version",
-                 "tensors", "host_views")  # fmt: skip
+    __slots__ = ("used", "max_rank", "rank_floor", "version", "free", "slots", "registered",
+                 "slot_version", "tensors", "host_views")  # fmt: skip
 
     def __init__(self, rows: int, slots: int) -> None:
         self.used = 0
         self.max_rank = 0
+        self.rank_floor = 0
         self.version = 0
         self.free: list[tuple[int, int]] = [(0, rows)] if rows else []  # (start, length)
         self.slots: dict[int, tuple[int, int, float]] = {}  # slot -> (start, rank, scale)
@@ -173,9 +174,24 @@ class LoRABank(nn.Module):
 
     @property
     def max_rank(self) -> int:
-        """Largest resident rank (0 when empty): the kernels' rank bound (a plain int, so
-        torch.compile reads it as a constant)."""
+        """The kernels' rank bound: the largest resident rank (0 when empty), never below
+        :attr:`rank_floor`; fixed-capacity banks keep their high-water mark (it does not drop
+        when an adapter leaves). A plain int, so torch.compile reads it as a constant and
+        recompiles only when it changes."""
         return self._h.max_rank
+
+    @property
+    def rank_floor(self) -> int:
+        """A lower bound for :attr:`max_rank`. The residency pool sets it to the largest rank
+        its library knows, so loading and evicting adapters does not change the bound a
+        compiled graph was traced with."""
+        return self._h.rank_floor
+
+    @rank_floor.setter
+    def rank_floor(self, value: int) -> None:
+        h = self._h
+        h.rank_floor = int(value)
+        h.max_rank = max(h.max_rank, h.rank_floor)
 
     @property
     def version(self) -> int:
@@ -428,8 +444,9 @@ class LoRABank(nn.Module):
             bt_t[start : start + r].zero_()
         self._release(start, r)
         h.used -= r
-        if r == h.max_rank:
-            h.max_rank = max((rk for _, rk, _ in h.slots.values()), default=0)
+        if r == h.max_rank and self.growable:  # fixed banks keep their high-water mark
+            h.max_rank = max((rk for _, rk, _ in h.slots.values()), default=h.rank_floor)
+            h.max_rank = max(h.max_rank, h.rank_floor)
         h.slot_version[slot] += 1
         h.version += 1
 

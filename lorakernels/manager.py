@@ -205,6 +205,8 @@ class MultiLoRA:
                     f"{biggest[1] * per_row} bytes"
                 )
         self.pool = ResidencyPool(Budget(max_resident_adapters, resident_bytes, rows))
+        known = self._largest_known_rank()
+        self._rank_floor = known[1] if known is not None else 0
         self._slot_cap = max_resident_adapters or (rows if rows is not None else None)
         if rows is None and max_resident_adapters is not None:
             biggest = self._largest_known_rank()
@@ -272,6 +274,8 @@ class MultiLoRA:
         )  # fmt: skip
         for slot in self.slots.values():
             new.lora_bank.register(slot)
+        if self.pool.bounded:  # keep the kernels' rank bound fixed (see LoRABank.rank_floor)
+            new.lora_bank.rank_floor = self._rank_floor
         self._set(name, new)
         self.layers[name] = new
         self._banks[name] = new.lora_bank
