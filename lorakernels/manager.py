@@ -29,6 +29,7 @@ import itertools
 import math
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -171,7 +172,7 @@ class MultiLoRA:
         self.layers: dict[str, Layer] = {}
         self._banks: dict[str, LoRABank] = {}  # the layers' banks (module getattr costs ~1 µs)
         self._batches: dict[tuple[int, tuple[int, ...] | None], list[LoRABatch]] = {}
-        self._active_batches: set[int] = set()
+        self._active_batches: Counter[int] = Counter()  # batch id -> open use() blocks
         self._owned: set[str] = set()  # library entries that load() created
         self._empty: dict[str, Any] = {}  # adapter -> stamp: known to have no layer here
         self._mappings: dict[str, tuple[Any, list[tuple[str, int]]]] = {}
@@ -487,7 +488,9 @@ class MultiLoRA:
                 self.pool.evictions += 1
                 continue
             if self._fits(name, need_rows, compact=True) and self._may_wait():
-                self._idle.wait_for(lambda: self.context.callers == 0)
+                # compaction moves live rows: wait until no caller holds any adapter (refs
+                # are taken under this lock before a caller's forward can start)
+                self._idle.wait_for(lambda: not self.pool.refs)
                 for path in need_rows:
                     if path in self.layers and not self.layers[path].lora_bank.fits(
                         need_rows[path], compact=False
@@ -553,7 +556,7 @@ class MultiLoRA:
         return True
 
     def _may_wait(self) -> bool:
-        if self.context.callers == 0:
+        if not self.pool.refs:
             return True
         if self._open_threads.get(threading.get_ident()):
             raise RuntimeError(
@@ -614,6 +617,10 @@ class MultiLoRA:
                     if name in self.slots or not self._prefetch_fits(name, plan):
                         continue
                     stream = self._side_stream()
+                    if stream is not None:
+                        # rows being evicted may still be read by kernels queued on the
+                        # compute stream for a batch that has left use() on the host
+                        stream.wait_stream(torch.cuda.default_stream(stream.device))
                     on_side = torch.cuda.stream(stream) if stream is not None else None
                     with on_side or contextlib.nullcontext():
                         self._make_resident(name, plan, needed=set(names))
@@ -810,6 +817,7 @@ class MultiLoRA:
                     raise KeyError(f"batch uses slot ids {unknown} that hold no loaded adapter")
                 names = {by_slot[s] for s in batch.slots_in_use()}
                 self.pool.acquire(names)
+                self._active_batches[id(batch)] += 1
                 for n in names:
                     self.pool.touch(n)
         else:
@@ -826,6 +834,8 @@ class MultiLoRA:
                         if empty:
                             raise ValueError(f"adapter(s) {empty} have no weights in this model")
                     batch = self._batch(canon, rows_per_sample)
+                    # claimed in the same locked section, or another caller could refill it
+                    self._active_batches[id(batch)] += 1
             except BaseException:
                 with self._lock:
                     self.pool.release(n for n in names if n in self.slots)
@@ -834,7 +844,6 @@ class MultiLoRA:
         self._wait_events(names)
         tid = threading.get_ident()
         with self._lock:
-            self._active_batches.add(id(batch))
             self._open_threads[tid] = self._open_threads.get(tid, 0) + 1
         handle = self.context.enter(batch)
         try:
@@ -842,7 +851,9 @@ class MultiLoRA:
         finally:
             self.context.exit(handle)
             with self._lock:
-                self._active_batches.discard(id(batch))
+                self._active_batches[id(batch)] -= 1
+                if self._active_batches[id(batch)] <= 0:
+                    del self._active_batches[id(batch)]
                 self._open_threads[tid] -= 1
                 if not self._open_threads[tid]:
                     del self._open_threads[tid]
