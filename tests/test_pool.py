@@ -296,6 +296,8 @@ def test_loads_and_evictions_do_not_recompile():
         mix = [{f"c{i % 5}": 1.0}, {f"c{(i + 1) % 5}": -0.5}]
         with mgr.use(mix):
             got = compiled(x)
-        torch.testing.assert_close(got.double(), merged_oracle(tiny_model(), x, mix, factors), **TOL)
+        torch.testing.assert_close(
+            got.double(), merged_oracle(tiny_model(), x, mix, factors), **TOL
+        )
     assert mgr.stats()["evictions"] >= 5
     assert counters["stats"]["unique_graphs"] == 1
