@@ -25,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import itertools
 import math
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -52,6 +54,7 @@ Plan = list[tuple[str, Tensor, Tensor, float]]
 # (a style + a character + 2 more) and a larger mixture raises it to its real count. It also
 # enters the Triton tile choice, so changing it changes kernel configs.
 _MAX_ENTRIES_HINT = 4
+_TOKENS = itertools.count()
 
 
 def _as_predicate(targets: Target | Sequence[Target] | None) -> Callable[[str, nn.Module], bool]:
@@ -167,12 +170,14 @@ class MultiLoRA:
         self._free: list[int] = []
         self._next_slot = 0
         self.layers: dict[str, Layer] = {}
+        self._banks: dict[str, LoRABank] = {}  # the layers' banks (module getattr costs ~1 µs)
         self._batches: dict[tuple[int, tuple[int, ...] | None], list[LoRABatch]] = {}
-        self._active_batches: set[int] = set()
+        self._active_batches: Counter[int] = Counter()  # batch id -> open use() blocks
         self._owned: set[str] = set()  # library entries that load() created
         self._empty: dict[str, Any] = {}  # adapter -> stamp: known to have no layer here
         self._mappings: dict[str, tuple[Any, list[tuple[str, int]]]] = {}
         self._module_names: list[str] | None = None
+        self._token = next(_TOKENS)  # this manager's key for what it memoises in the library
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._open_threads: dict[int, int] = {}
@@ -201,6 +206,8 @@ class MultiLoRA:
                     f"{biggest[1] * per_row} bytes"
                 )
         self.pool = ResidencyPool(Budget(max_resident_adapters, resident_bytes, rows))
+        known = self._largest_known_rank()
+        self._rank_floor = known[1] if known is not None else 0
         self._slot_cap = max_resident_adapters or (rows if rows is not None else None)
         if rows is None and max_resident_adapters is not None:
             biggest = self._largest_known_rank()
@@ -268,8 +275,11 @@ class MultiLoRA:
         )  # fmt: skip
         for slot in self.slots.values():
             new.lora_bank.register(slot)
+        if self.pool.bounded:  # keep the kernels' rank bound fixed (see LoRABank.rank_floor)
+            new.lora_bank.rank_floor = self._rank_floor
         self._set(name, new)
         self.layers[name] = new
+        self._banks[name] = new.lora_bank
         return new
 
     def _set(self, name: str, module: nn.Module) -> None:
@@ -279,6 +289,7 @@ class MultiLoRA:
 
     def _unpatch_one(self, name: str) -> None:
         layer = self.layers.pop(name)
+        self._banks.pop(name, None)
         orig = layer.unpatched() if isinstance(layer, MultiLoRALinear) else _plain_conv(layer)
         self._set(name, orig)
 
@@ -332,9 +343,17 @@ class MultiLoRA:
 
     def _plan(self, name: str, *, strict: bool = True) -> Plan | None:
         """The adapter's layers for this model (``None``: no weights here), checked against
-        the layers' shapes. Reads the file through the library (host cache); runs outside
-        the manager lock."""
+        the layers' shapes. Reads the file through the library (host cache) and memoises the
+        plan with the cache entry; runs outside the manager lock."""
         source, stamp = self.library.get(name)
+        return self.library.derived(
+            name,
+            stamp,
+            (self._token, strict),
+            lambda: self._build_plan(name, source, stamp, strict),
+        )
+
+    def _build_plan(self, name: str, source: Any, stamp: Any, strict: bool) -> Plan | None:
         if isinstance(source, LoRAFile):
             comp = self._component_of(name, dict.fromkeys(lay.component for lay in source.layers))
             if comp is None:
@@ -469,7 +488,9 @@ class MultiLoRA:
                 self.pool.evictions += 1
                 continue
             if self._fits(name, need_rows, compact=True) and self._may_wait():
-                self._idle.wait_for(lambda: self.context.callers == 0)
+                # compaction moves live rows: wait until no caller holds any adapter (refs
+                # are taken under this lock before a caller's forward can start)
+                self._idle.wait_for(lambda: not self.pool.refs)
                 for path in need_rows:
                     if path in self.layers and not self.layers[path].lora_bank.fits(
                         need_rows[path], compact=False
@@ -483,26 +504,27 @@ class MultiLoRA:
             )
         slot = self._free.pop() if self._free else self._take_new_slot()
         patched: list[str] = []
-        done: list[Layer] = []
+        done: list[LoRABank] = []
         try:
             for path, a, b, scale in plan:
                 if path not in self.layers:
                     self._patch(path)
                     patched.append(path)
-                layer = self.layers[path]
-                bank = layer.lora_bank
-                before = bank.lora_a.data_ptr()
-                bank.add(slot, a, b, scale, f"adapter {name!r} layer {path}", compact=False)
-                if bank.lora_a.data_ptr() != before:
+                bank = self._banks[path]
+                before = bank.tensors()[0]
+                bank.add(
+                    slot, a, b, scale, f"adapter {name!r} layer {path}", compact=False, checked=True
+                )
+                if bank.tensors()[0] is not before:
                     self.reallocations += 1
-                done.append(layer)
-            for layer in self.layers.values():
-                layer.lora_bank.register(slot)
+                done.append(bank)
+            for bank in self._banks.values():
+                bank.register(slot)
         except BaseException:
-            for layer in done:
-                layer.lora_bank.remove(slot)
-            for layer in self.layers.values():
-                layer.lora_bank.unregister(slot)
+            for bank in done:
+                bank.remove(slot)
+            for bank in self._banks.values():
+                bank.unregister(slot)
             for path in patched:
                 self._unpatch_one(path)
             self._free.append(slot)
@@ -525,16 +547,16 @@ class MultiLoRA:
             return True
         rows = self.pool.budget.rows_per_layer
         for path, r in need_rows.items():
-            layer = self.layers.get(path)
-            if layer is None:
+            bank = self._banks.get(path)
+            if bank is None:
                 if r > rows:
                     return False
-            elif not layer.lora_bank.fits(r, compact=compact):
+            elif not bank.fits(r, compact=compact):
                 return False
         return True
 
     def _may_wait(self) -> bool:
-        if self.context.callers == 0:
+        if not self.pool.refs:
             return True
         if self._open_threads.get(threading.get_ident()):
             raise RuntimeError(
@@ -545,8 +567,8 @@ class MultiLoRA:
 
     def _evict(self, name: str) -> None:
         slot = self.slots.pop(name)
-        for layer in self.layers.values():
-            layer.lora_bank.remove(slot)
+        for bank in self._banks.values():
+            bank.remove(slot)
         self._free.append(slot)
         self.pool.lru.pop(name, None)
 
@@ -595,6 +617,10 @@ class MultiLoRA:
                     if name in self.slots or not self._prefetch_fits(name, plan):
                         continue
                     stream = self._side_stream()
+                    if stream is not None:
+                        # rows being evicted may still be read by kernels queued on the
+                        # compute stream for a batch that has left use() on the host
+                        stream.wait_stream(torch.cuda.default_stream(stream.device))
                     on_side = torch.cuda.stream(stream) if stream is not None else None
                     with on_side or contextlib.nullcontext():
                         self._make_resident(name, plan, needed=set(names))
@@ -754,9 +780,8 @@ class MultiLoRA:
         for name in with_weights:
             if name in self.slots:
                 slot = self.slots[name]
-                for path, layer in self.layers.items():
-                    r = layer.lora_bank.slots().get(slot, (0, 0, 0.0))[1]
-                    rows[path] = rows.get(path, 0) + r
+                for path, bank in self._banks.items():
+                    rows[path] = rows.get(path, 0) + bank.rank_of(slot)
             else:
                 for path, a, _, _ in plans.get(name) or []:
                     rows[path] = rows.get(path, 0) + a.shape[0]
@@ -792,6 +817,7 @@ class MultiLoRA:
                     raise KeyError(f"batch uses slot ids {unknown} that hold no loaded adapter")
                 names = {by_slot[s] for s in batch.slots_in_use()}
                 self.pool.acquire(names)
+                self._active_batches[id(batch)] += 1
                 for n in names:
                     self.pool.touch(n)
         else:
@@ -808,6 +834,8 @@ class MultiLoRA:
                         if empty:
                             raise ValueError(f"adapter(s) {empty} have no weights in this model")
                     batch = self._batch(canon, rows_per_sample)
+                    # claimed in the same locked section, or another caller could refill it
+                    self._active_batches[id(batch)] += 1
             except BaseException:
                 with self._lock:
                     self.pool.release(n for n in names if n in self.slots)
@@ -816,7 +844,6 @@ class MultiLoRA:
         self._wait_events(names)
         tid = threading.get_ident()
         with self._lock:
-            self._active_batches.add(id(batch))
             self._open_threads[tid] = self._open_threads.get(tid, 0) + 1
         handle = self.context.enter(batch)
         try:
@@ -824,7 +851,9 @@ class MultiLoRA:
         finally:
             self.context.exit(handle)
             with self._lock:
-                self._active_batches.discard(id(batch))
+                self._active_batches[id(batch)] -= 1
+                if self._active_batches[id(batch)] <= 0:
+                    del self._active_batches[id(batch)]
                 self._open_threads[tid] -= 1
                 if not self._open_threads[tid]:
                     del self._open_threads[tid]

@@ -23,7 +23,7 @@ def _state(model):
                 bank.slots(),
                 bank.used_rows,
                 bank.max_rank,
-                sorted(bank._registered),
+                sorted(bank._h.registered),
             ]
     return out
 

@@ -277,3 +277,27 @@ def test_prefetch_runs_while_other_threads_forward(many):
     torch.testing.assert_close(
         got.double(), merged_oracle(tiny_model(), x2, [{last: 0.8}], adapters), **TOL
     )
+
+
+def test_loads_and_evictions_do_not_recompile():
+    from torch._dynamo.utils import counters
+
+    lib = AdapterLibrary()
+    factors = {f"c{i}": make_adapter(40 + i, LAYERS) for i in range(5)}
+    for name, f in factors.items():
+        lib.add(name, {"model": f})
+    model = tiny_model()
+    mgr = MultiLoRA(model, targets=["*attn.*"], library=lib, max_resident_adapters=2)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    counters.clear()
+    x = _x(2, 21)
+    for i in range(8):  # every step loads one adapter and evicts another
+        mix = [{f"c{i % 5}": 1.0}, {f"c{(i + 1) % 5}": -0.5}]
+        with mgr.use(mix):
+            got = compiled(x)
+        torch.testing.assert_close(
+            got.double(), merged_oracle(tiny_model(), x, mix, factors), **TOL
+        )
+    assert mgr.stats()["evictions"] >= 5
+    assert counters["stats"]["unique_graphs"] == 1

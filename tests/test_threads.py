@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import torch
 from adapter_files import make_adapter, merged_oracle, tiny_model
@@ -99,3 +100,35 @@ def test_threads_with_a_bound_smaller_than_their_union_stay_correct():
         t.join(60)
     assert not errors and not wrong
     assert len(mgr.stats()["resident"]) <= 2
+
+
+def test_callers_entering_together_never_share_a_batch_object(monkeypatch):
+    # widen the gap between building a batch and entering the block: a batch object must be
+    # claimed in the same locked step that (re)fills it, or a second caller could refill it
+    model, mgr, adapters, x = _setup()
+    real = MultiLoRA._wait_events
+
+    def slow(self, names):
+        time.sleep(0.02)
+        return real(self, names)
+
+    monkeypatch.setattr(MultiLoRA, "_wait_events", slow)
+    mixes = {"red": [{"red": 1.0}, {}], "blue": [{}, {"blue": -0.6}]}
+    want = {k: merged_oracle(tiny_model(), x, m, adapters) for k, m in mixes.items()}
+    barrier = threading.Barrier(2)
+    wrong: list[str] = []
+
+    def worker(key: str) -> None:
+        for _ in range(5):
+            barrier.wait()
+            with mgr.use(mixes[key]):
+                got = model(x)
+            if not torch.allclose(got.double(), want[key], **TOL):
+                wrong.append(key)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in mixes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert wrong == []

@@ -168,8 +168,10 @@ class AdapterLibrary:
         self._entries: dict[str, _Entry] = {}
         self._spellings: dict[str, str] = {}
         self._folders: list[Path] = []
-        self._cache: OrderedDict[str, tuple[tuple[int, int] | int, LoRAFile | FactorDict, int]]
+        # name -> (stamp, parsed source, bytes, {key: what a consumer derived from it})
+        self._cache: OrderedDict[str, tuple[Any, LoRAFile | FactorDict, int, dict]]
         self._cache = OrderedDict()
+        self._derived_mem: dict[str, tuple[Any, dict]] = {}  # the same for in-memory sources
         self._cached_bytes = 0
         self._counter = 0
         self.hits = 0
@@ -426,14 +428,41 @@ class AdapterLibrary:
                 self._uncache(canon)
                 nbytes = _nbytes(lora)
                 if nbytes <= self.cache_bytes:
-                    self._cache[canon] = (stamp, lora, nbytes)
+                    self._cache[canon] = (stamp, lora, nbytes, {})
                     self._cached_bytes += nbytes
                     while self._cached_bytes > self.cache_bytes:
-                        old, (_, _, n) = self._cache.popitem(last=False)
+                        old, (_, _, n, _) = self._cache.popitem(last=False)
                         self._cached_bytes -= n
         return lora, stamp
 
+    def derived(self, name: str, stamp: Any, key: Any, build: Any) -> Any:
+        """``build()``, memoised with ``name``'s host-cache entry under ``key`` while the entry
+        holds ``stamp`` (so it is dropped with the entry and never outlives a file change).
+
+        Managers keep their checked, reshaped per-layer plans here: views of the cached
+        factors, no extra memory. Uncached adapters just get ``build()``.
+        """
+        with self._lock:
+            canon = self.resolve(name)
+            entry = self._entries[canon]
+            if not isinstance(entry.source, Path):
+                memo = self._derived_mem.get(canon)
+                if memo is None or memo[0] != entry.stamp:
+                    memo = self._derived_mem[canon] = (entry.stamp, {})
+                store: dict | None = memo[1] if memo[0] == stamp else None
+            else:
+                hit = self._cache.get(canon)
+                store = hit[3] if hit is not None and hit[0] == stamp else None
+            if store is not None and key in store:
+                return store[key]
+        value = build()
+        if store is not None:
+            with self._lock:
+                store[key] = value
+        return value
+
     def _uncache(self, canon: str) -> None:
+        self._derived_mem.pop(canon, None)
         old = self._cache.pop(canon, None)
         if old is not None:
             self._cached_bytes -= old[2]

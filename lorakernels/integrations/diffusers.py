@@ -45,7 +45,8 @@ from ..prompt import parse_prompts
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 # Target sets by name: glob patterns on module paths, per component.
-_UNET_ATTN2 = ["*attn2.to_q", "*attn2.to_k", "*attn2.to_v", "*attn2.to_out.0"]
+_CROSS_KV = ["*attn2.to_k", "*attn2.to_v"]  # see only the prompt embedding: cacheable
+_UNET_ATTN2 = ["*attn2.to_q", *_CROSS_KV, "*attn2.to_out.0"]
 _UNET_ATTN = _UNET_ATTN2 + [p.replace("attn2", "attn1") for p in _UNET_ATTN2]
 _TE_ATTN = ["*self_attn.q_proj", "*self_attn.k_proj", "*self_attn.v_proj", "*self_attn.out_proj"]
 TARGETS: dict[str, dict[str, list[str]]] = {
@@ -290,7 +291,7 @@ class DiffusersLoRA:
         unet = self.components["unet"]
         layers = []
         for name, _ in list(unet.named_modules()):
-            if fnmatch.fnmatchcase(name, "*attn2.to_k") or fnmatch.fnmatchcase(name, "*attn2.to_v"):
+            if any(fnmatch.fnmatchcase(name, pat) for pat in _CROSS_KV):
                 layer = mgr.patch(name)
                 layer.enable_output_cache(True)
                 layers.append(layer)
