@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import plan as _plan
 from .bank import LoRABank
 from .batch import LoRABatch
 from .kernels import LaunchMeta
@@ -228,6 +229,7 @@ def multi_lora_linear(
     bank: LoRABank,
     batch: LoRABatch,
     backend: str | None = None,
+    plan: str | None = None,
 ) -> Tensor:
     """``y = x @ weight.T + bias + Σ strength * (alpha/r) * (x @ A.T) @ B.T`` per sample.
 
@@ -239,6 +241,8 @@ def multi_lora_linear(
         bank: this layer's :class:`~lorakernels.bank.LoRABank` (same dtype and device).
         batch: the :class:`~lorakernels.batch.LoRABatch` of this forward pass.
         backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``None`` (see module doc).
+        plan: ``"auto"``, ``"merged"``, ``"unmerged"`` or ``None``: merged weights or the
+            unmerged LoRA term per group of samples (cpu backend; see :mod:`lorakernels.plan`).
 
     Returns:
         ``[..., N]`` in ``x.dtype``. Numerics: fp32 accumulation, fp32 rank intermediate, one
@@ -255,14 +259,16 @@ def multi_lora_linear(
         x2, weight, bias, bank.lora_a, bank.lora_bt, bank.slot_start, bank.slot_rank,
         bank.slot_scale, row_ptr, batch.entry_ptr, batch.entry_slot, batch.entry_weight,
     )  # fmt: skip
-    if name in _EAGER_DIRECT and not torch.compiler.is_compiling():
-        # reference and cpu are plain differentiable torch code: in eager mode call them
-        # directly and skip the custom op's Python dispatch (~100 us a call, which is 2-3 % of
-        # a 77-row text layer); under torch.compile the opaque op keeps the graph unspecialised
-        meta = LaunchMeta(max_rows, batch.max_entries, bank.max_rank)
-        y = backend_module(name).multi_lora_linear(*args, meta)
-    else:
-        y = _multi_lora_linear_op(*args, max_rows, batch.max_entries, bank.max_rank, name)
+    # per-call plan override, read at run time by the cpu backend (inside the custom op too)
+    with _plan.call_plan(plan) if plan is not None else contextlib.nullcontext():
+        if name in _EAGER_DIRECT and not torch.compiler.is_compiling():
+            # reference and cpu are plain differentiable torch code: in eager mode call them
+            # directly and skip the custom op's Python dispatch (~100 us a call, 2-3 % of a
+            # 77-row text layer); under torch.compile the opaque op keeps the graph unspecialised
+            meta = LaunchMeta(max_rows, batch.max_entries, bank.max_rank)
+            y = backend_module(name).multi_lora_linear(*args, meta)
+        else:
+            y = _multi_lora_linear_op(*args, max_rows, batch.max_entries, bank.max_rank, name)
     return y.reshape(*lead, weight.shape[0])
 
 
