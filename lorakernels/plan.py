@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import math
 import os
@@ -111,6 +112,7 @@ def resolve_plan() -> str:
 
 
 # ---------------------------------------------------------------------- ISA
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
     try:
@@ -123,6 +125,7 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.cache
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -346,7 +349,9 @@ def decide(
     credit: list[float],
     plan: str,
 ) -> tuple[list[bool], list[float]]:
-    """Which groups run merged. Returns ``(merged flags, credit to add per group)``.
+    """Which groups run merged. Returns ``(merged flags, gains)``: per group, the modelled
+    seconds a cached merged weight saves per call (0 where merging does not pay); the caller
+    adds the gains of groups that ran unmerged to their credit.
 
     ``prec``: the merged GEMMs' precision; unmerged rows always compute in float32 (``half``:
     the input is bf16/fp16, so they pay the upcast of ``x`` and the rounding of ``y``).
@@ -383,7 +388,7 @@ def decide(
         gain = base_all * g.rows / total + g.rows * conv + lora(g) - run_cost(g)
         if gain > 0 and (c or (acc > 0 and acc + gain >= merge_time(cal, k, n, g.rank))):
             merged.append(True)
-            gains.append(0.0)
+            gains.append(gain)
         else:
             merged.append(False)
             gains.append(max(gain, 0.0))
@@ -474,6 +479,10 @@ class MergedCache:
         self.budget = int(budget_bytes)
         self.bytes = 0
         self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._density: dict[tuple, float] = {}
+        self._used: dict[tuple, float] = {}
+        self.stale_s = 60.0  # an entry unused this long belongs to a finished request
+        self.evicted = 0
         self._layers: dict[int, _Layer] = {}
         self.credit: OrderedDict[tuple, float] = OrderedDict()
         self.hits = 0
@@ -503,6 +512,8 @@ class MergedCache:
         self._layers.pop(lid, None)
 
     def _remove(self, key: tuple) -> None:
+        self._density.pop(key, None)
+        self._used.pop(key, None)
         t = self._entries.pop(key, None)
         if t is not None:
             self.bytes -= t.numel() * t.element_size()
@@ -538,21 +549,50 @@ class MergedCache:
         t = self._entries.get(key)
         if t is not None:
             self._entries.move_to_end(key)
+            self._used[key] = time.monotonic()
             self.hits += 1
         return t
 
-    def put(self, st: _Layer, key: tuple, t: Tensor, fps: dict[int, tuple]) -> bool:
-        """Insert (evicting least recently used entries); False when it cannot fit at all."""
+    def put(
+        self, st: _Layer, key: tuple, t: Tensor, fps: dict[int, tuple], density: float = 0.0
+    ) -> bool:
+        """Insert ``t``; False (nothing changes) when it does not fit.
+
+        ``density``: seconds saved per call per byte. Room is made from entries unused for
+        :attr:`stale_s` seconds (least recently used first), then from entries of lower
+        density (lowest first); an entry that would have to evict denser, recently used ones
+        is refused. So a working set larger than the budget keeps its most valuable weights
+        (SD1.5's narrow image layers) instead of cycling through all of them (LRU alone
+        evicts every weight before its reuse under a cyclic access pattern).
+        """
         size = t.numel() * t.element_size()
         if size > self.budget:
             return False
-        while self.bytes + size > self.budget and self._entries:
-            old, old_t = self._entries.popitem(last=False)
-            self.bytes -= old_t.numel() * old_t.element_size()
-            owner = self._layers.get(old[0])
-            if owner is not None:
-                owner.entries.discard(old)
+        if self.bytes + size > self.budget:
+            now = time.monotonic()
+            order = list(self._entries)  # least recently used first
+            stale = [k for k in order if now - self._used.get(k, 0.0) > self.stale_s]
+            cheaper = sorted(
+                (k for k in order if k not in set(stale) and self._density.get(k, 0.0) < density),
+                key=lambda k: self._density.get(k, 0.0),
+            )
+            need = self.bytes + size - self.budget
+            victims = []
+            for k in stale + cheaper:
+                if need <= 0:
+                    break
+                victims.append(k)
+                e = self._entries[k]
+                need -= e.numel() * e.element_size()
+            if need > 0:
+                return False
+            for k in victims:
+                self._remove(k)
+                self.invalidated -= 1  # an eviction, not an invalidation
+                self.evicted += 1
         self._entries[key] = t
+        self._density[key] = density
+        self._used[key] = time.monotonic()
         self.bytes += size
         st.entries.add(key)
         st.slot_fp.update(fps)
@@ -561,6 +601,8 @@ class MergedCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._density.clear()
+        self._used.clear()
         for st in self._layers.values():
             st.entries.clear()
             st.slot_fp.clear()

@@ -461,6 +461,9 @@ def default_unet_workloads(mode: str, latents: list[int] | None = None) -> list[
         return [UNetWorkload(latent=v, repeats=reps.get(v, 1)) for v in (latents or [16])]
     out = []
     for v in latents or [16, 32, 64]:
-        configs = ("attn-r16", "kohya-r32") if v <= 32 else ("attn-r16",)
+        # kohya rank 32 at 64² doubles the longest step of the default full run; an explicit
+        # --latent list runs both configurations at every size (issue 13: 32² and 64²)
+        both = v <= 32 or latents is not None
+        configs = ("attn-r16", "kohya-r32") if both else ("attn-r16",)
         out += [UNetWorkload(latent=v, adapter_config=c, repeats=reps.get(v, 1)) for c in configs]
     return out

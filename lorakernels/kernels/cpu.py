@@ -481,14 +481,15 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
     b32 = None if bias is None else bias.to(ct)
     if mode == "unmerged" or not active:
         merged = [False] * len(groups)
+        gains = [0.0] * len(groups)
         built = hits = 0
     else:
         keys = [(id(lora_a), g.key, prec) for g in groups]
         cached = [g.rank > 0 and cache.has(kk) for g, kk in zip(groups, keys, strict=True)]
         credit = [cache.credit.get(kk, 0.0) for kk in keys]
         merged, gains = _planner.decide(cal, groups, k, n, prec, half, cached, credit, mode)
-        for kk, gain in zip(keys, gains, strict=True):
-            if gain:
+        for kk, gain, mg in zip(keys, gains, merged, strict=True):
+            if gain and not mg:
                 cache.credit[kk] = cache.credit.get(kk, 0.0) + gain
                 cache.credit.move_to_end(kk)
         while len(cache.credit) > 4096:
@@ -519,8 +520,13 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
             if wg is None:
                 wg = _merge(weight, h.group_items[gi], h.scales, lora_a, lora_bt, mdt)
                 fp = _slot_fp(h, lora_a, lora_bt)
-                cache.put(st, key, wg, {s: fp(s) for s, _ in g.key})
-                cache.credit.pop(key, None)
+                density = gains[gi] / (wg.numel() * wg.element_size())
+                if cache.put(st, key, wg, {s: fp(s) for s, _ in g.key}, density):
+                    cache.credit.pop(key, None)
+                elif cal is not None:
+                    # no room worth taking: use it this once, then run unmerged until the
+                    # gains have paid ten builds (bounds the rebuild cost to ~10 %)
+                    cache.credit[key] = -10 * _planner.merge_time(cal, k, n, g.rank)
         for r0, r1 in h.group_runs[gi]:
             _gemm_into(y[r0:r1], xg[r0:r1], wg, bg)
     if rest:
