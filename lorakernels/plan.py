@@ -220,8 +220,17 @@ def measure(row_block_probe=None) -> Calibration:
     # threads' wake-up more than memory (1 MB: 0.2 GB/s, 64 MB: 6.5 GB/s on a loaded 2-core Xeon)
     dst = torch.empty_like(big)
     bw = 2 * big.numel() * 4 / _best_time(lambda: dst.copy_(big))
-    xs, ws = torch.randn(8, 64, generator=gen), torch.randn(64, 64, generator=gen)
-    call = _best_time(lambda: F.linear(xs, ws), reps=21)
+    # per-call cost: what splitting one GEMM into 8 costs beyond the one GEMM (thread wake-up
+    # and barriers included: with 2 threads on a loaded 2-core machine it is ~1 ms, idle ~5 us)
+    xs, ws = torch.randn(2048, 320, generator=gen), torch.randn(320, 320, generator=gen)
+    ys = torch.empty(2048, 320)
+    one = _best_time(lambda: torch.mm(xs, ws.T, out=ys))
+
+    def split() -> None:
+        for i in range(0, 2048, 256):
+            torch.mm(xs[i : i + 256], ws.T, out=ys[i : i + 256])
+
+    call = max((_best_time(split) - one) / 7, 1e-6)
     block = 0
     if row_block_probe is not None:
         times = {b: row_block_probe(b) for b in (0, 256, 1024)}

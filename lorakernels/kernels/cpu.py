@@ -397,7 +397,7 @@ def _gemm_into(y: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> None:
         torch.mm(x, w.T, out=y)
 
 
-_PROBE_ROWS = (4, 2048, 320, 320, 16)  # samples, rows each, K, N, rank
+_PROBE_ROWS = (4, 1024, 320, 320, 16)  # samples, rows each, K, N, rank
 
 
 def _row_block_probe(block: int) -> float:
