@@ -51,7 +51,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -165,6 +165,8 @@ class Calibration:
         bandwidth: bytes/s of a streaming copy (read + write counted).
         call_s: seconds of fixed cost per GEMM call (dispatch, threading).
         row_block: rows per block of the unmerged cpu path (0: one pass, no blocking).
+        pack_s: seconds per weight element every GEMM call pays, per precision (packing or
+            reordering the weight, reading it from memory).
     """
 
     key: str
@@ -174,6 +176,7 @@ class Calibration:
     call_s: float
     row_block: int = 0
     measured_s: float = 0.0
+    pack_s: dict[str, float] = field(default_factory=dict)
 
 
 def calibration_key() -> str:
@@ -203,15 +206,30 @@ def measure(row_block_probe=None) -> Calibration:
     """
     t_start = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
-    m, k, n = 512, 640, 640
-    x = torch.randn(m, k, generator=gen)
+    # GEMM time = call + pack * K * N + 2 m K N / rate, fitted from two row counts: the
+    # intercept is what every call pays for its weight (packing/reordering it, reading it from
+    # memory), the slope the rate at SD-sized row counts. Measured on a 2-core Xeon (1 thread):
+    # sixteen 77-row GEMMs with one 768x320 weight take 1.45x one 1232-row GEMM, and oneDNN's
+    # native bf16 GEMM pays ~4x fp32's intercept (its weight reorder) for a similar slope.
+    k = n = 640
+    m1, m2 = 128, 1024
+    x = torch.randn(m2, k, generator=gen)
     w = torch.randn(n, k, generator=gen) / math.sqrt(k)
-    gemm = {"fp32": 2 * m * k * n / _best_time(lambda: F.linear(x, w))}
-    for dt in (torch.bfloat16, torch.float16):
-        if native_half(dt):
-            xh, wh = x.to(dt), w.to(dt)
-            t = _best_time(lambda xh=xh, wh=wh: F.linear(xh, wh))
-            gemm[_DTYPE_NAMES[dt]] = 2 * m * k * n / t
+    xs0, ws0 = torch.randn(4, 16, generator=gen), torch.randn(16, 16, generator=gen)
+    call0 = _best_time(lambda: F.linear(xs0, ws0), reps=11)
+    gemm, pack = {}, {}
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        if dt != torch.float32 and not native_half(dt):
+            continue
+        xh, wh = x.to(dt), w.to(dt)
+        t1 = _best_time(lambda xh=xh, wh=wh: F.linear(xh[:m1], wh), reps=5)
+        t2 = _best_time(lambda xh=xh, wh=wh: F.linear(xh, wh), reps=3)
+        name = _DTYPE_NAMES[dt]
+        if t2 > t1 * 1.05:
+            gemm[name] = 2.0 * (m2 - m1) * k * n / (t2 - t1)
+            pack[name] = max(0.0, t1 - call0 - 2.0 * m1 * k * n / gemm[name]) / (k * n)
+        else:  # noise swamped the slope: no intercept
+            gemm[name], pack[name] = 2.0 * m2 * k * n / t2, 0.0
     r, mt = 16, 2048
     xt = torch.randn(mt, k, generator=gen)
     a = torch.randn(r, k, generator=gen)
@@ -238,7 +256,7 @@ def measure(row_block_probe=None) -> Calibration:
         if block and times[block] > 0.95 * times[0]:
             block = 0  # blocking must win clearly: the probe is one shape
     return Calibration(
-        calibration_key(), gemm, thin, bw, call, block, time.perf_counter() - t_start
+        calibration_key(), gemm, thin, bw, call, block, time.perf_counter() - t_start, pack
     )
 
 
@@ -312,13 +330,10 @@ def set_calibration(cal: Calibration | None) -> None:
 
 # ---------------------------------------------------------------------- cost model
 def gemm_time(cal: Calibration, m: int, k: int, n: int, prec: str = "fp32") -> float:
-    """Seconds of one ``[m, k] x [k, n]`` GEMM: a roofline of FLOPs and bytes plus a call."""
+    """Seconds of one ``[m, k] x [k, n]`` GEMM: a call, the weight's per-call cost, the FLOPs."""
     if m <= 0:
         return 0.0
-    es = 4 if prec == "fp32" else 2
-    flops = 2.0 * m * k * n / cal.gemm_flops[prec]
-    mem = (m * k + k * n + m * n) * es / cal.bandwidth
-    return cal.call_s + max(flops, mem)
+    return cal.call_s + cal.pack_s.get(prec, 0.0) * k * n + 2.0 * m * k * n / cal.gemm_flops[prec]
 
 
 def lora_time(cal: Calibration, m: int, k: int, n: int, rank: int) -> float:

@@ -401,3 +401,33 @@ def test_row_blocked_unmerged_path_matches_oracle():
     oracle2 = peft_style_oracle(p2)
     y2 = run(p2, "unmerged")
     assert float((y2.double() - oracle2).abs().max()) <= tolerance(p2, oracle2)
+
+
+def test_full_cache_keeps_its_densest_weights():
+    """Over budget, a new weight evicts only less valuable (or stale) ones, else is refused."""
+    cache = plan.MergedCache(budget_bytes=2 * 400)
+    anchor = torch.zeros(1)
+    st = cache.layer(anchor)
+    t = torch.zeros(100)  # 400 bytes each
+    assert cache.put(st, (id(anchor), ((1, 1.0),), "fp32"), t, {}, density=1.0)
+    assert cache.put(st, (id(anchor), ((2, 1.0),), "fp32"), t, {}, density=3.0)
+    assert not cache.put(st, (id(anchor), ((3, 1.0),), "fp32"), t, {}, density=0.5)
+    assert len(cache) == 2 and cache.bytes == 800
+    assert cache.put(st, (id(anchor), ((4, 1.0),), "fp32"), t, {}, density=2.0)
+    assert not cache.has((id(anchor), ((1, 1.0),), "fp32"))  # the least dense one went
+    assert cache.has((id(anchor), ((2, 1.0),), "fp32"))
+    cache.stale_s = 0.0  # everything unused counts as stale: plain LRU
+    assert cache.put(st, (id(anchor), ((5, 1.0),), "fp32"), t, {}, density=0.1)
+    assert not cache.has((id(anchor), ((2, 1.0),), "fp32"))
+
+
+def test_dropping_a_layer_frees_its_entries():
+    p, slots, mixtures, batch = stale_problem()
+    check(p, mixtures, batch)
+    assert len(plan.CACHE) > 0
+    p.bank.reserve(p.bank.lora_a.shape[0] * 4, 64)  # growth reallocates lora_a: a new layer
+    del p
+    import gc
+
+    gc.collect()
+    assert plan.CACHE.bytes == 0 and len(plan.CACHE) == 0
