@@ -28,7 +28,7 @@ def fake_calibration(**kw) -> plan.Calibration:
     """Round machine constants (a 2-core AVX-512 CPU's order of magnitude)."""
     fields = dict(
         key=plan.calibration_key(), gemm_flops={"fp32": 1e11}, thin_flops=2e10,
-        bandwidth=1e10, call_s=5e-6, row_block=0,
+        bandwidth=1e10, call_s=5e-6, row_block=0, pack_s={"fp32": 1e-9},
     )  # fmt: skip
     fields.update(kw)
     return plan.Calibration(**fields)
