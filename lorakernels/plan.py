@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -506,6 +507,8 @@ class MergedCache:
         self._density: dict[tuple, float] = {}
         self._used: dict[tuple, float] = {}
         self.stale_s = 60.0  # an entry unused this long belongs to a finished request
+        # layers run concurrently when several threads serve one model (issue 10, A4)
+        self.lock = threading.RLock()
         self.evicted = 0
         self._layers: dict[int, _Layer] = {}
         self.credit: OrderedDict[tuple, float] = OrderedDict()
@@ -513,7 +516,7 @@ class MergedCache:
         self.builds = 0
         self.invalidated = 0
 
-    def layer(self, anchor: Tensor) -> _Layer:
+    def _layer_unlocked(self, anchor: Tensor) -> _Layer:
         """The state of the layer whose bank owns ``anchor`` (its ``lora_a``)."""
         lid = id(anchor)
         st = self._layers.get(lid)
@@ -522,9 +525,10 @@ class MergedCache:
                 self._drop_layer(lid, st)
 
             def gone(_ref, lid=lid) -> None:
-                old = self._layers.get(lid)
-                if old is not None and old.ref is _ref:
-                    self._drop_layer(lid, old)
+                with self.lock:
+                    old = self._layers.get(lid)
+                    if old is not None and old.ref is _ref:
+                        self._drop_layer(lid, old)
 
             st = _Layer(weakref.ref(anchor, gone))
             self._layers[lid] = st
@@ -546,7 +550,7 @@ class MergedCache:
         if st is not None:
             st.entries.discard(key)
 
-    def validate(self, st: _Layer, w_stamp: tuple, b_stamp: tuple, slot_fp) -> None:
+    def _validate_unlocked(self, st: _Layer, w_stamp: tuple, b_stamp: tuple, slot_fp) -> None:
         """Drop the entries of layer ``st`` that ``W`` or the bank no longer match.
 
         ``slot_fp(slot) -> fingerprint`` is called only when the bank's tensors changed, for the
@@ -569,7 +573,7 @@ class MergedCache:
     def has(self, key: tuple) -> bool:
         return key in self._entries
 
-    def get(self, key: tuple) -> Tensor | None:
+    def _get_unlocked(self, key: tuple) -> Tensor | None:
         t = self._entries.get(key)
         if t is not None:
             self._entries.move_to_end(key)
@@ -577,7 +581,7 @@ class MergedCache:
             self.hits += 1
         return t
 
-    def put(
+    def _put_unlocked(
         self, st: _Layer, key: tuple, t: Tensor, fps: dict[int, tuple], density: float = 0.0
     ) -> bool:
         """Insert ``t``; False (nothing changes) when it does not fit.
@@ -623,7 +627,7 @@ class MergedCache:
         self.builds += 1
         return True
 
-    def clear(self) -> None:
+    def _clear_unlocked(self) -> None:
         self._entries.clear()
         self._density.clear()
         self._used.clear()
@@ -635,6 +639,29 @@ class MergedCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def layer(self, anchor: Tensor) -> _Layer:
+        """The state of the layer whose bank owns ``anchor`` (its ``lora_a``)."""
+        with self.lock:
+            return self._layer_unlocked(anchor)
+
+    def validate(self, st: _Layer, w_stamp: tuple, b_stamp: tuple, slot_fp) -> None:
+        """See :meth:`_validate_unlocked`."""
+        with self.lock:
+            self._validate_unlocked(st, w_stamp, b_stamp, slot_fp)
+
+    def get(self, key: tuple) -> Tensor | None:
+        with self.lock:
+            return self._get_unlocked(key)
+
+    def put(self, st, key, t, fps, density: float = 0.0) -> bool:
+        """See :meth:`_put_unlocked`."""
+        with self.lock:
+            return self._put_unlocked(st, key, t, fps, density)
+
+    def clear(self) -> None:
+        with self.lock:
+            self._clear_unlocked()
 
 
 def _default_budget() -> int:

@@ -382,10 +382,12 @@ def test_calibration_cached_per_machine(tmp_path, monkeypatch):
         plan.calibration()
 
 
-def test_measure_is_fast_and_sane():
+def test_measure_gives_usable_constants():
     cal = plan.measure(cpu._row_block_probe)
-    assert cal.measured_s < 10  # generous: a shared CI machine; ~0.4 s idle
+    assert set(cal.gemm_flops) == set(cal.pack_s) and "fp32" in cal.gemm_flops
     assert all(v > 0 and math.isfinite(v) for v in cal.gemm_flops.values())
+    assert all(v >= 0 and math.isfinite(v) for v in cal.pack_s.values())
+    assert cal.bandwidth > 0 and cal.thin_flops > 0 and cal.call_s > 0
     assert cal.row_block in (0, 256, 1024)
 
 

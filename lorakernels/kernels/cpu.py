@@ -50,6 +50,7 @@ used only while the padded work stays under 1.5x the real work, else the per-run
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections import OrderedDict
 
@@ -259,6 +260,7 @@ class _Host:
 
 _HOST: OrderedDict[tuple, _Host] = OrderedDict()  # content key -> host plan
 _FAST: OrderedDict[tuple, tuple] = OrderedDict()  # (id, _version) key -> (weakrefs, content)
+_HOST_LOCK = threading.Lock()  # threads serving one model share these caches
 _HOST_SIZE = 1024  # a UNet has ~200 patched layers x a few row counts; plans are small
 
 
@@ -313,6 +315,11 @@ def _build_host(key: tuple, device) -> _Host:
 
 
 def _host(tensors, ct, lora_a: Tensor, lora_bt: Tensor) -> _Host:
+    with _HOST_LOCK:
+        return _host_unlocked(tensors, ct, lora_a, lora_bt)
+
+
+def _host_unlocked(tensors, ct, lora_a: Tensor, lora_bt: Tensor) -> _Host:
     """The host plan for these tensors' contents and this layer's bank (its gathered rows are
     the layer's). Fast path: the same tensor objects at the same ``_version`` counters (every
     in-place write bumps them) map to the cached plan without reading them; otherwise read
@@ -488,12 +495,13 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         cached = [g.rank > 0 and cache.has(kk) for g, kk in zip(groups, keys, strict=True)]
         credit = [cache.credit.get(kk, 0.0) for kk in keys]
         merged, gains = _planner.decide(cal, groups, k, n, prec, half, cached, credit, mode)
-        for kk, gain, mg in zip(keys, gains, merged, strict=True):
-            if gain and not mg:
-                cache.credit[kk] = cache.credit.get(kk, 0.0) + gain
-                cache.credit.move_to_end(kk)
-        while len(cache.credit) > 4096:
-            cache.credit.popitem(last=False)
+        with cache.lock:
+            for kk, gain, mg in zip(keys, gains, merged, strict=True):
+                if gain and not mg:
+                    cache.credit[kk] = cache.credit.get(kk, 0.0) + gain
+                    cache.credit.move_to_end(kk)
+            while len(cache.credit) > 4096:
+                cache.credit.popitem(last=False)
         hits = sum(1 for mg, c in zip(merged, cached, strict=True) if mg and c)
         built = sum(1 for mg, c in zip(merged, cached, strict=True) if mg and not c)
     block = cal.row_block if cal is not None else 0
