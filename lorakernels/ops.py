@@ -248,6 +248,9 @@ def multi_lora_linear(
         ``[..., N]`` in ``x.dtype``. Numerics: fp32 accumulation, fp32 rank intermediate, one
         rounding to ``x.dtype``; float64 inputs compute in float64.
     """
+    if plan is not None:  # per-call planner override, read at run time by the cpu backend
+        with _plan.call_plan(plan):
+            return multi_lora_linear(x, weight, bias, bank, batch, backend)
     _validate(x, weight, bias, bank, batch)
     name = resolve_backend(x.device, backend, x.dtype)
     lead = x.shape[:-1]
@@ -259,16 +262,14 @@ def multi_lora_linear(
         x2, weight, bias, bank.lora_a, bank.lora_bt, bank.slot_start, bank.slot_rank,
         bank.slot_scale, row_ptr, batch.entry_ptr, batch.entry_slot, batch.entry_weight,
     )  # fmt: skip
-    # per-call plan override, read at run time by the cpu backend (inside the custom op too)
-    with _plan.call_plan(plan) if plan is not None else contextlib.nullcontext():
-        if name in _EAGER_DIRECT and not torch.compiler.is_compiling():
-            # reference and cpu are plain differentiable torch code: in eager mode call them
-            # directly and skip the custom op's Python dispatch (~100 us a call, 2-3 % of a
-            # 77-row text layer); under torch.compile the opaque op keeps the graph unspecialised
-            meta = LaunchMeta(max_rows, batch.max_entries, bank.max_rank)
-            y = backend_module(name).multi_lora_linear(*args, meta)
-        else:
-            y = _multi_lora_linear_op(*args, max_rows, batch.max_entries, bank.max_rank, name)
+    if name in _EAGER_DIRECT and not torch.compiler.is_compiling():
+        # reference and cpu are plain differentiable torch code: in eager mode call them
+        # directly and skip the custom op's Python dispatch (~100 us a call, which is 2-3 % of
+        # a 77-row text layer); under torch.compile the opaque op keeps the graph unspecialised
+        meta = LaunchMeta(max_rows, batch.max_entries, bank.max_rank)
+        y = backend_module(name).multi_lora_linear(*args, meta)
+    else:
+        y = _multi_lora_linear_op(*args, max_rows, batch.max_entries, bank.max_rank, name)
     return y.reshape(*lead, weight.shape[0])
 
 
