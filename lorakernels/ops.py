@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from . import plan as _plan
 from .bank import LoRABank
 from .batch import LoRABatch, _capturing
 from .kernels import BankTensors, ConvMeta, LaunchMeta, LoRAArgs
@@ -281,6 +282,7 @@ def multi_lora_linear(
     bank: LoRABank,
     batch: LoRABatch,
     backend: str | None = None,
+    plan: str | None = None,
 ) -> Tensor:
     """``y = x @ weight.T + bias + Σ strength * (alpha/r) * (x @ A.T) @ B.T`` per sample.
 
@@ -295,11 +297,16 @@ def multi_lora_linear(
         batch: the :class:`~lorakernels.batch.LoRABatch` of this forward pass; every slot it
             uses must hold an adapter (resident here, or in its name -> slot table).
         backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``None`` (see module doc).
+        plan: ``"auto"``, ``"merged"``, ``"unmerged"`` or ``None``: merged weights or the
+            unmerged LoRA term per group of samples (cpu backend; see :mod:`lorakernels.plan`).
 
     Returns:
         ``[..., N]`` in ``x.dtype``. Numerics: fp32 accumulation, fp32 rank intermediate, one
         rounding to ``x.dtype``; float64 inputs compute in float64.
     """
+    if plan is not None:  # per-call planner override, read at run time by the cpu backend
+        with _plan.call_plan(plan):
+            return multi_lora_linear(x, weight, bias, bank, batch, backend)
     bank_t = _validate(x, weight, bias, bank, batch)
     name = resolve_backend(x.device, backend, x.dtype)
     lead = x.shape[:-1]

@@ -9,8 +9,11 @@ forward pass of the layer.
 * ``base32``: (half dtypes only) the same GEMM upcast to float32 and rounded once, the way the
   cpu backend computes; the floor our CPU path can reach on a CPU without native bf16 GEMMs.
 * ``ours`` / ``ours:<backend>``: :func:`lorakernels.multi_lora_linear` with automatic backend
-  selection, or one explicit backend. The bank and the batch are built once (a model builds the
-  batch once per forward for all of its layers).
+  selection, or one explicit backend; ``ours@merged`` / ``ours@unmerged`` (also
+  ``ours:<backend>@<plan>``) force the planner's choice (:mod:`lorakernels.plan`). The bank
+  and the batch are built once (a model builds the batch once per forward for all of its
+  layers). The planner merges a group once it has seen its mixture twice, so the timed calls
+  (after the correctness check and the warm-up) run what a denoising loop runs from step 3.
 * ``merge``: naive merging as A1111/diffusers serve mixed batches: per distinct mixture a
   merged weight ``W + sum strength * scale * B @ A`` (computed in float32, rounded once), then
   one GEMM per group of samples. Merged weights are precomputed, i.e. amortised over many
@@ -131,11 +134,16 @@ class Base32(Provider):
 
 
 class Ours(Provider):
-    """:func:`lorakernels.multi_lora_linear` with ``backend`` (None: automatic)."""
+    """:func:`lorakernels.multi_lora_linear` with ``backend`` (None: automatic) and ``plan``
+    (None: the planner's automatic choice; ``"merged"``/``"unmerged"``: forced, named
+    ``ours@merged``/``ours@unmerged``)."""
 
-    def __init__(self, backend: str | None = None) -> None:
+    def __init__(self, backend: str | None = None, plan: str | None = None) -> None:
         self.backend = backend
+        self.plan = plan
         self.name = "ours" if backend is None else f"ours:{backend}"
+        if plan is not None:
+            self.name += f"@{plan}"
 
     def unavailable(self, case: LayerCase) -> str | None:
         try:
@@ -153,8 +161,8 @@ class Ours(Provider):
         for name, (a, b, _) in case.adapters.items():
             bank.add(case.slots[name], a, b, case.scale(name))
         batch = LoRABatch.from_mixtures(case.mixtures, case.slots, device=case.device)
-        x, weight, bias, backend = case.x, case.weight, case.bias, self.backend
-        return lambda: multi_lora_linear(x, weight, bias, bank, batch, backend=backend)
+        x, weight, bias, backend, plan = case.x, case.weight, case.bias, self.backend, self.plan
+        return lambda: multi_lora_linear(x, weight, bias, bank, batch, backend=backend, plan=plan)
 
 
 class Merge(Provider):
@@ -322,13 +330,17 @@ def layer_providers(
             out.append(Ours(b))
     out += [Merge(), Fuse(), Peft(), Loop()]
     if names:
-        unknown = [n for n in names if n not in PROVIDER_NAMES and not n.startswith("ours:")]
+        unknown = [
+            n for n in names if n not in PROVIDER_NAMES and not n.startswith(("ours:", "ours@"))
+        ]
         if unknown:
             raise ValueError(f"providers: unknown {unknown}; choose from {PROVIDER_NAMES}")
         out = [p for p in out if p.name in names or p.name == "base"]
         for n in names:
-            if n.startswith("ours:") and all(p.name != n for p in out):
-                out.append(Ours(n.split(":", 1)[1]))
+            if n.startswith(("ours:", "ours@")) and all(p.name != n for p in out):
+                rest, _, plan = n.partition("@")
+                backend = rest.split(":", 1)[1] if ":" in rest else None
+                out.append(Ours(backend, plan or None))
     return out
 
 

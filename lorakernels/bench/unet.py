@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import MultiLoRA
+from .. import plan as _plan
 from .timing import TimingConfig, time_side_by_side
 
 _DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -428,9 +429,13 @@ def run_unet(workload: UNetWorkload, device: torch.device) -> dict:
         del outs
         timed = {n: f for n, f in fns.items() if "skipped" not in record["providers"][n]}
         cfg = TimingConfig(repeats=workload.repeats, warmup=0, min_sample_s=0.0)
+        _plan.reset_summary()
         timings = time_side_by_side(timed, cfg, device=device)
     for name, tm in timings.items():
         record["providers"][name].update(tm.as_dict())
+    # which plan ours ran per layer type (K x N) during the timed steps: merged / unmerged
+    # groups, merged weights built, cache hits (lorakernels.plan)
+    record["plan"] = _plan.last_summary()
     record["flops"] = {"unet": unet_flops, "lora": lora_flops}
     record["ideal"] = 1.0 + lora_flops / unet_flops
     record["check"] = {"lora_effect": delta, "rtol": MODEL_RTOL[DTYPES[workload.dtype]]}
@@ -461,6 +466,9 @@ def default_unet_workloads(mode: str, latents: list[int] | None = None) -> list[
         return [UNetWorkload(latent=v, repeats=reps.get(v, 1)) for v in (latents or [16])]
     out = []
     for v in latents or [16, 32, 64]:
-        configs = ("attn-r16", "kohya-r32") if v <= 32 else ("attn-r16",)
+        # kohya rank 32 at 64² doubles the longest step of the default full run; an explicit
+        # --latent list runs both configurations at every size (issue 13: 32² and 64²)
+        both = v <= 32 or latents is not None
+        configs = ("attn-r16", "kohya-r32") if both else ("attn-r16",)
         out += [UNetWorkload(latent=v, adapter_config=c, repeats=reps.get(v, 1)) for c in configs]
     return out
