@@ -42,6 +42,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
 
 _ROW_PAGE = 16
 try:  # numpy is optional: without it, metadata writes go through torch (slower, same result)
@@ -408,6 +409,9 @@ class LoRABank(nn.Module):
         if h.host_views is not None:
             v = h.host_views
             v[0][slot], v[1][slot], v[2][slot] = start, r, scale
+            # numpy writes bypass the tensors' version counters, which the caches of merged
+            # weights and layer outputs key on: bump them (1.3 us)
+            increment_version((start_t, rank_t, scale_t))
         else:
             start_t[slot] = start
             rank_t[slot] = r
@@ -436,6 +440,7 @@ class LoRABank(nn.Module):
             v[0][slot] = v[1][slot] = v[2][slot] = 0
             v[3][start : start + r] = 0
             v[4][start : start + r] = 0
+            increment_version(h.tensors)  # see add()
         else:
             rank_t[slot] = 0
             scale_t[slot] = 0.0
