@@ -235,3 +235,27 @@ def test_settle_load_waits_then_picks_threads_and_warns_only_when_busy(monkeypat
     busy = timing.settle_load(0.0, verbose=False)
     assert busy.threads == 1 and "1.9 of 2 CPUs" in busy.note
     assert timing.settle_load(0.0, threads=2, verbose=False).threads == 2  # --threads wins
+
+
+def test_bench_runs_without_triton(tmp_path):
+    """``make bench`` installs ``.[bench]``, which has no triton: the suite must not need it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # any `import triton` now fails
+        "from lorakernels.bench.cli import main\n"
+        f"rc = main(['--smoke', '--suite', 'layer', '--dtype', 'fp32', '--no-plots', "
+        f"'--out', {str(tmp_path)!r}])\n"
+        "assert sys.modules.get('triton') is None\n"
+        "sys.exit(rc)\n"
+    )
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])  # this tree's lorakernels, installed or not
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ours/base" in res.stdout
