@@ -223,3 +223,20 @@ def test_resident_budget_evicts_least_recently_used(demo_dirs):
         assert status["pool_evictions"] == 2 and status["pool_misses"] == 4
     finally:
         srv.drain(timeout=5)
+
+
+def test_import_serve_needs_no_optional_package():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, lorakernels, lorakernels.serve, lorakernels.serve.cli; "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'ray', 'diffusers') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={"PYTHONPATH": str(root), "PATH": ""},
+    )  # fmt: skip
+    assert out.stdout.strip() == "[]"
