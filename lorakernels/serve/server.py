@@ -141,9 +141,10 @@ class DiffusionServer:
     """Continuous-batching txt2img server over one patched diffusers pipeline.
 
     Args:
-        pipe: a diffusers Stable Diffusion 1.x/2.x pipeline. SDXL is refused for now (see the
-            check in ``__init__``); its added conditioning (pooled text embeds, time ids
-            ``[h, w, 0, 0, h, w]`` per row) is built by the batcher already.
+        pipe: a diffusers Stable Diffusion 1.x/2.x/XL pipeline (SDXL: pooled text embeds and
+            time ids ``[h, w, 0, 0, h, w]`` per row, the SDXL pipeline's defaults). An empty
+            negative prompt is encoded as the pipeline's ``negative_prompt=None`` (SDXL's
+            ``force_zeros_for_empty_prompt`` then gives zeros, as diffusers does by default).
         lora_dirs: folders of LoRA files, registered by stem and ``ss_output_name``.
         max_batch_rows: most UNet rows per call (a guided image takes 2 rows).
         max_active_rows: rows in flight (admission stops above it; default ``max_batch_rows``).
@@ -170,16 +171,8 @@ class DiffusionServer:
     ) -> None:
         if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
             raise TypeError(
-                f"pipe: expected a diffusers Stable Diffusion 1.x/2.x pipeline, got "
+                f"pipe: expected a diffusers Stable Diffusion (1.x/2.x/XL) pipeline, got "
                 f"{type(pipe).__name__}"
-            )
-        if hasattr(pipe, "text_encoder_2"):
-            # measured: base-model SDXL requests equal generate (2e-5), but with a LoRA on the
-            # UNet and text encoder they differ by 0.58 even for a request alone; not served
-            # until that is understood
-            raise TypeError(
-                f"pipe: {type(pipe).__name__} (SDXL) is not served yet; its LoRA path does not "
-                "match lorakernels.diffusers.generate"
             )
         self.pipe = pipe
         self.handle = bridge.patch(pipe, lora_dirs, max_resident_adapters)
