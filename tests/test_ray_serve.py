@@ -122,7 +122,8 @@ def _replica_actors():
 def test_killed_replica_loses_no_request(cluster):
     url = cluster
     names = ["ink", "cyber", "tarot", "pastel"]
-    bodies = [_body(prompt=f"<lora:{names[i % 4]}:1> a cat", seed=100 + i, steps=12)
+    # 30 steps: several seconds of work per replica, so the kill at 1.5 s lands mid-load
+    bodies = [_body(prompt=f"<lora:{names[i % 4]}:1> a cat", seed=100 + i, steps=30)
               for i in range(12)]  # fmt: skip
     results: list = []
     killer_done = threading.Event()
@@ -157,3 +158,4 @@ def test_killed_replica_loses_no_request(cluster):
     replica_failed = [r for r in results if r.status_code == 503 and
                       r.json().get("error") == "ReplicaFailed"]  # fmt: skip
     assert counts["failed"] == len(replica_failed)
+    assert counts["retried"] >= 1  # the kill did hit requests in flight

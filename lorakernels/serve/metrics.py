@@ -70,11 +70,20 @@ class Metrics:
             self.counters["image_steps_total"] += image_steps
             self.rows_per_call.observe(rows)
             self._events.append((time.monotonic(), image_steps, 0))
+            self._trim()
 
     def images_done(self, n: int) -> None:
         with self.lock:
             self.counters["images_total"] += n
             self._events.append((time.monotonic(), 0, n))
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop events older than the window (caller holds the lock): memory stays bounded
+        even when nobody reads the rates."""
+        horizon = time.monotonic() - self.WINDOW_S
+        while self._events and self._events[0][0] < horizon:
+            self._events.popleft()
 
     def request_done(self, seconds: float) -> None:
         with self.lock:
@@ -82,10 +91,8 @@ class Metrics:
 
     def rates(self) -> tuple[float, float]:
         """(image steps/s, images/s) over the last :attr:`WINDOW_S` seconds."""
-        now = time.monotonic()
         with self.lock:
-            while self._events and self._events[0][0] < now - self.WINDOW_S:
-                self._events.popleft()
+            self._trim()
             steps = sum(e[1] for e in self._events)
             images = sum(e[2] for e in self._events)
         return steps / self.WINDOW_S, images / self.WINDOW_S

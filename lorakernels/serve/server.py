@@ -141,9 +141,10 @@ class DiffusionServer:
     """Continuous-batching txt2img server over one patched diffusers pipeline.
 
     Args:
-        pipe: a diffusers Stable Diffusion 1.x/2.x pipeline. SDXL is refused for now: the
-            added-conditioning path (pooled embeds, time ids) is written but its images do not
-            yet match ``generate`` and it has no test.
+        pipe: a diffusers Stable Diffusion 1.x/2.x/XL pipeline (SDXL: pooled text embeds and
+            time ids ``[h, w, 0, 0, h, w]`` per row, the SDXL pipeline's defaults). An empty
+            negative prompt is encoded as the pipeline's ``negative_prompt=None`` (SDXL's
+            ``force_zeros_for_empty_prompt`` then gives zeros, as diffusers does by default).
         lora_dirs: folders of LoRA files, registered by stem and ``ss_output_name``.
         max_batch_rows: most UNet rows per call (a guided image takes 2 rows).
         max_active_rows: rows in flight (admission stops above it; default ``max_batch_rows``).
@@ -168,10 +169,10 @@ class DiffusionServer:
         mixed_adapters: bool = True,
         max_resident_adapters: int | None = None,
     ) -> None:
-        if hasattr(pipe, "text_encoder_2") or not hasattr(pipe, "unet"):
+        if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
             raise TypeError(
-                f"pipe: DiffusionServer serves Stable Diffusion 1.x/2.x pipelines; got "
-                f"{type(pipe).__name__} (SDXL serving is not verified yet)"
+                f"pipe: expected a diffusers Stable Diffusion (1.x/2.x/XL) pipeline, got "
+                f"{type(pipe).__name__}"
             )
         self.pipe = pipe
         self.handle = bridge.patch(pipe, lora_dirs, max_resident_adapters)
