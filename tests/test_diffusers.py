@@ -199,14 +199,18 @@ def test_generate_per_prompt_loras_in_one_batch_equals_single_runs(lora_dir):
     latents = torch.randn(len(prompts) * n_img, 4, 8, 8, generator=g)
     batched = _run(pipe, prompts, latents, num_images_per_prompt=n_img)
     assert lora.loaded == ["cyber", "ink", "tarot"]  # loaded lazily, on first use
+    # fp32 batching noise: a prompt alone and in a batch may take different (equally valid)
+    # plans, merged weights or the unmerged term; these differ by ~7e-6 x max|y| after two
+    # steps of this pipeline (measured: 1.5e-4 at max|y| = 21.6), so allow 2e-5 x max|y|
+    atol = 2e-5 * float(batched.abs().max())
     for i, p in enumerate(prompts):
         single = _run(pipe, [p], latents[i * n_img : (i + 1) * n_img], num_images_per_prompt=n_img)
         torch.testing.assert_close(
-            batched[i * n_img : (i + 1) * n_img], single, rtol=1e-4, atol=1e-4
+            batched[i * n_img : (i + 1) * n_img], single, rtol=1e-4, atol=atol
         )
-    # the LoRAs matter: prompt 0 without its tag differs
+    # the LoRAs matter: prompt 0 without its tag differs far beyond the tolerance
     plain = _run(pipe, ["a cat"], latents[:n_img], num_images_per_prompt=n_img)
-    assert (plain - batched[:n_img]).abs().max() > 1e-3
+    assert (plain - batched[:n_img]).abs().max() > 100 * atol
 
 
 def test_cross_attention_cache_equals_uncached(lora_dir):
