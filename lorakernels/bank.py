@@ -45,6 +45,8 @@ from torch import Tensor, nn
 from torch.autograd.graph import increment_version
 
 _ROW_PAGE = 16
+# same-size integer types: rows are copied and zeroed bit for bit through numpy on CPU
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 try:  # numpy is optional: without it, metadata writes go through torch (slower, same result)
     import numpy  # noqa: F401
 
@@ -79,8 +81,9 @@ class _Host:
         self.slot_version: list[int] = [0] * slots
         self.tensors: tuple[Tensor, ...] = ()
         # CPU banks: numpy views sharing the buffers' memory (slot_start, slot_rank,
-        # slot_scale, lora_a bytes, lora_bt bytes). A scalar write through numpy costs ~0.1 µs
-        # against ~5 µs for ``tensor[i] = v``: a warm switch of 128 SD1.5 layers does ~1,000.
+        # slot_scale, and lora_a, lora_bt as same-size integers). A scalar write through
+        # numpy costs ~0.1 µs against ~5 µs for ``tensor[i] = v``: a warm switch of 128
+        # SD1.5 layers does ~1,000.
         self.host_views: tuple | None = None
 
 
@@ -142,9 +145,10 @@ class LoRABank(nn.Module):
         self._h.tensors = t
         self._h.host_views = None
         if all(x.device.type == "cpu" and x.is_contiguous() for x in t) and _HAS_NUMPY:
+            bits = _BITS[t[0].element_size()]
             self._h.host_views = (
                 t[2].numpy(), t[3].numpy(), t[4].numpy(),
-                t[0].view(torch.uint8).numpy(), t[1].view(torch.uint8).numpy(),
+                t[0].view(bits).numpy(), t[1].view(bits).numpy(),
             )  # fmt: skip
 
     # ------------------------------------------------------------------ queries
@@ -404,10 +408,16 @@ class LoRABank(nn.Module):
         if self.growable and slot >= self.capacity_slots:
             self.reserve(0, slot + 1)
         a_t, bt_t, start_t, rank_t, scale_t = h.tensors
-        a_t[start : start + r].copy_(A)
-        bt_t[start : start + r].copy_(B.T)
-        if h.host_views is not None:
-            v = h.host_views
+        v = h.host_views
+        if v is not None and A.dtype == B.dtype == a_t.dtype and A.is_cpu and B.is_cpu:
+            # same dtype on CPU: a bitwise numpy copy (~1 µs against ~4 µs for copy_)
+            bits = _BITS[a_t.element_size()]
+            v[3][start : start + r] = A.detach().view(bits).numpy()
+            v[4][start : start + r] = B.detach().T.view(bits).numpy()
+        else:
+            a_t[start : start + r].copy_(A)
+            bt_t[start : start + r].copy_(B.T)
+        if v is not None:
             v[0][slot], v[1][slot], v[2][slot] = start, r, scale
             # numpy writes bypass the tensors' version counters, which the caches of merged
             # weights and layer outputs key on: bump them (1.3 us)

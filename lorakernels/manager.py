@@ -175,6 +175,7 @@ class MultiLoRA:
         self._active_batches: Counter[int] = Counter()  # batch id -> open use() blocks
         self._owned: set[str] = set()  # library entries that load() created
         self._empty: dict[str, Any] = {}  # adapter -> stamp: known to have no layer here
+        self._stamps: dict[str, Any] = {}  # resident adapter -> stamp of what the banks hold
         self._mappings: dict[str, tuple[Any, list[tuple[str, int]]]] = {}
         self._module_names: list[str] | None = None
         self._token = next(_TOKENS)  # this manager's key for what it memoises in the library
@@ -446,6 +447,7 @@ class MultiLoRA:
             if plan is None:
                 self._empty[canon] = self.library.stamp(canon)
                 return False
+            self._empty.pop(canon, None)
             if canon not in self.slots:
                 self._make_resident(canon, plan, needed={canon})
             return True
@@ -530,6 +532,7 @@ class MultiLoRA:
             self._free.append(slot)
             raise
         self.slots[name] = slot
+        self._stamps[name] = self._stamp_or_none(name)
         self.pool.touch(name)
 
     def _take_new_slot(self) -> int:
@@ -567,6 +570,7 @@ class MultiLoRA:
 
     def _evict(self, name: str) -> None:
         slot = self.slots.pop(name)
+        self._stamps.pop(name, None)
         for bank in self._banks.values():
             bank.remove(slot)
         self._free.append(slot)
@@ -738,15 +742,31 @@ class MultiLoRA:
     def _acquire(self, names: set[str]) -> None:
         """Make ``names`` resident and reference them (caller then opens a use() block)."""
         plans: dict[str, Plan | None] = {}
+        stale: list[str] = []
         for name in sorted(names):
             with self._lock:
-                known = name in self.slots or self._empty.get(name) == self._stamp_or_none(name)
+                resident = name in self.slots
+                known = resident or self._empty.get(name) == self._stamp_or_none(name)
+                held = self._stamps.get(name)
+            if resident and held is not None and self.library.current_stamp(name) != held:
+                stale.append(name)  # its file changed on disk: never serve the old weights
+                known = False
             if not known:
                 plans[name] = self._plan(name)
         with self._lock:
+            for name in stale:
+                if name in self.slots:
+                    if self.pool.refs[name]:
+                        raise ValueError(
+                            f"adapter {name!r} changed on disk while another caller's use() "
+                            "block uses it; retry when that block has closed"
+                        )
+                    self._evict(name)
             for name, plan in plans.items():
                 if plan is None:
                     self._empty[name] = self.library.stamp(name)
+                else:  # a file rewritten with weights for this model is no longer empty
+                    self._empty.pop(name, None)
             self._check_budget(names, plans)
             for name in sorted(names):
                 if name in self.slots:

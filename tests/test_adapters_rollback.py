@@ -118,6 +118,7 @@ def files(tmp_path_factory):
         "both": {"unet": lora_targets(unet, "attn"), "text_encoder": lora_targets(te, "text")},
         "unetonly": {"unet": lora_targets(unet, "attn")},
         "teonly": {"text_encoder": lora_targets(te, "text")},
+        "unet2": {"unet": lora_targets(unet, "attn")},
     }
     for i, (name, targets) in enumerate(specs.items()):
         layers = make_layers(targets, rank=4, alpha=4.0, seed=300 + i)
@@ -166,3 +167,23 @@ def test_load_failing_in_second_component_is_bit_identical(monkeypatch, files):
     for c, m in lora.components.items():
         _same(before[c], _state(m))
     assert lora.library.names() == names and lora.loaded == ["unetonly"]
+
+
+def test_generate_through_a_bound_of_two_equals_unbounded(files):
+    from test_diffusers import _run
+
+    prompts = ["<lora:both:0.8> a cat", "<lora:unetonly:-0.5> a dog", "a fox"]
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    outs = []
+    for bound in (None, 2):
+        pipe = _tiny_sd_pipeline()
+        lora = patch(pipe, max_resident_adapters=bound)
+        lora.load_dir(files)
+        outs.append(_run(pipe, prompts, latents))
+        if bound is not None:
+            assert len(lora.stats()["components"]["unet"]["resident"]) <= 2
+            with pytest.raises(ValueError, match=r"max_resident_adapters=2"):
+                _run(pipe, ["<lora:both:1> <lora:unetonly:1> <lora:unet2:1> a"], latents[:1])
+            # the failed batch left the pipeline usable
+            torch.testing.assert_close(_run(pipe, prompts, latents), outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)

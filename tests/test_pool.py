@@ -301,3 +301,30 @@ def test_loads_and_evictions_do_not_recompile():
         )
     assert mgr.stats()["evictions"] >= 5
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_resident_adapter_whose_file_changed_is_reloaded(tmp_path):
+    import time
+
+    from adapter_files import kohya_dict
+    from safetensors.torch import save_file
+
+    adapters = write_files(tmp_path, 2)
+    lib = AdapterLibrary()
+    lib.add_dir(tmp_path)
+    model = tiny_model()
+    mgr = MultiLoRA(model, targets=["*attn.*"], library=lib, max_resident_adapters=2)
+    x = _x(1, 31)
+    with mgr.use([{"lora_000": 1.0}]):
+        first = model(x)
+    torch.testing.assert_close(
+        first.double(), merged_oracle(tiny_model(), x, [{"lora_000": 1.0}], adapters), **TOL
+    )
+    time.sleep(0.01)
+    adapters["lora_000"] = make_adapter(4242, LAYERS)
+    save_file(kohya_dict(adapters["lora_000"]), str(tmp_path / "lora_000.safetensors"))
+    with mgr.use([{"lora_000": 1.0}]):  # still resident, but its file changed on disk
+        second = model(x)
+    torch.testing.assert_close(
+        second.double(), merged_oracle(tiny_model(), x, [{"lora_000": 1.0}], adapters), **TOL
+    )

@@ -387,6 +387,21 @@ class AdapterLibrary:
         with self._lock:
             return self._entries[self.resolve(name)].stamp
 
+    def current_stamp(self, name: str) -> Any:
+        """The stamp ``name``'s source has now: ``(mtime_ns, size)`` of its file as on disk
+        (one ``stat``), the counter for in-memory sources. ``FileNotFoundError`` naming the
+        file when it vanished."""
+        with self._lock:
+            entry = self._entries[self.resolve(name)]
+        if not isinstance(entry.source, Path):
+            return entry.stamp
+        try:
+            return _stamp(entry.source)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"adapter {entry.info.name!r}: its file {entry.source} no longer exists"
+            ) from None
+
     # ------------------------------------------------------------------ reading
     def get(self, name: str) -> tuple[LoRAFile | FactorDict, tuple[int, int] | int]:
         """``(parsed source, stamp)`` of ``name``: a :class:`LoRAFile` for files, the dict for
