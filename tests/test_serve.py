@@ -221,7 +221,10 @@ def test_resident_budget_evicts_least_recently_used(demo_dirs):
                     assert not res.adapters_were_resident
         status = srv.status()
         assert status["resident_adapters"] == 2
-        assert status["pool_evictions"] == 2 and status["pool_misses"] == 4
+        # the demo LoRAs have UNet and text-encoder weights: the pool counts per component;
+        # admission loads (and pins) a request's adapters, so its UNet steps are all hits
+        assert status["pool_evictions"] == 2 * 2 and status["pool_misses"] == 0
+        assert status["pool_hits"] > 0
     finally:
         srv.drain(timeout=5)
 

@@ -277,6 +277,18 @@ class AdapterLibrary:
                 continue
             entry = self._scanned_entry(path, folder, stamp)
             with self._lock:
+                # an alias (ss_output_name) another adapter already spells is left out, not
+                # the file: copies of a file share their ss_output_name, their stems differ
+                free = tuple(a for a in entry.info.aliases if a not in self._spellings)
+                if free != entry.info.aliases and path.stem not in self._spellings:
+                    taken = sorted(set(entry.info.aliases) - set(free))
+                    warnings.warn(
+                        f"{path}: registered as {path.stem!r} without the alias(es) {taken}, "
+                        "which other adapters spell",
+                        LoRAFormatWarning,
+                        stacklevel=3,
+                    )
+                    entry.info = dataclasses.replace(entry.info, aliases=free)
                 try:
                     self._insert(entry)
                 except ValueError as exc:

@@ -443,7 +443,7 @@ class DiffusionServer:
         with self.lock:
             upcoming = [n for p in list(self._queue)[:8] for n in p.adapter_names]
             try:
-                bridge.load(self.handle, list(dict.fromkeys(upcoming)), prefetch=True)
+                bridge.prefetch(self.handle, list(dict.fromkeys(upcoming)))
             except Exception:  # noqa: BLE001 - the request itself reports it at admission
                 pass
 
