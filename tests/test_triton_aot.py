@@ -73,7 +73,7 @@ class Spec:
     tf32: bool = False  # torch.backends.cuda.matmul.allow_tf32 (fp32 pair kernels only)
 
     def label(self, kind: str) -> str:
-        if kind == "fused":
+        if kind in ("fused", "segmented"):
             return "bias" if self.bias else "no bias"
         words = [f"K{self.k}" if kind == "shrink" else f"N{self.n}"]
         if self.tf32:
@@ -252,7 +252,11 @@ def _jobs() -> list[tuple]:
     identically are listed once."""
     jobs, seen = [], set()
     tables = dict(dispatch.all_configs())
-    tables["segmented"] = tables["fused"]  # same tiles, per-sample weight entry (issue 13)
+    # the fused tiles for the per-sample-weight entry (issue 13), as its launcher adapts them
+    tables["segmented"] = [
+        (arch, dtype, dispatch.segmented_config(config, arch))
+        for arch, dtype, config in tables["fused"]
+    ]
     for kind, configs in tables.items():
         for arch, dtype, config in configs:
             for spec in SPECS[kind]:
@@ -320,7 +324,10 @@ else:
         }  # fmt: skip
         assert configs - {c for c in configs if c[2] == "_fused_segmented_kernel"} == want
         segmented = {(a, d, c) for a, d, k, c in configs if k == "_fused_segmented_kernel"}
-        assert segmented == {(a, d, c) for a, d, k, c in want if k == "_fused_multi_lora_kernel"}
+        assert segmented == {
+            (arch, dtype, _describe(dispatch.segmented_config(config, arch)))
+            for arch, dtype, config in dispatch.all_configs()["fused"]
+        }
         kinds = {r.kernel for r in compiled}
         assert kinds == {"_fused_multi_lora_kernel", "_fused_segmented_kernel",
                          "_lora_shrink_kernel", "_lora_expand_kernel"}  # fmt: skip
