@@ -24,7 +24,9 @@ it. ``python tests/test_triton_aot.py`` prints the table of registers/spills/sha
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
+import json
 import multiprocessing
 import os
 import re
@@ -49,6 +51,9 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
                   torch.int32: "i32"}  # fmt: skip
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_REPORT_CACHE = Path(
+    os.environ.get("LORAKERNELS_AOT_CACHE", Path.home() / ".cache" / "lorakernels" / "aot")
+)
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,15 @@ def _compile(job: tuple) -> Compiled:
     (record,) = _plans(dtype, kind, config, spec)
     src, options = _source(record)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    # The report of a compile Triton already cached is cached beside it (keyed by Triton's
+    # hash of source, specialization, options and target): reruns skip the two cuobjdump calls.
+    report = _REPORT_CACHE / f"{compiled.hash}-{arch}.json"
+    names = {"kernel": record["kernel"], "dtype": dtype, "config": _describe(config),
+             "spec": spec.label(kind), "arch": arch}  # fmt: skip
+    if report.is_file():
+        cached = json.loads(report.read_text())
+        return Compiled(**{**cached, **names, "ptx_mma": tuple(cached["ptx_mma"]),
+                           "sass_mma": tuple(cached["sass_mma"])})  # fmt: skip
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin_path = Path(tmp, "k.cubin")
@@ -222,12 +236,8 @@ def _compile(job: tuple) -> Compiled:
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if not found:
         raise RuntimeError(f"unexpected cuobjdump output:\n{usage}")
-    return Compiled(
-        kernel=record["kernel"],
-        dtype=dtype,
-        config=_describe(config),
-        spec=spec.label(kind),
-        arch=arch,
+    result = Compiled(
+        **names,
         registers=int(found.group(1)),
         stack_bytes=int(found.group(2)),
         local_bytes=int(found.group(3)),
@@ -235,6 +245,9 @@ def _compile(job: tuple) -> Compiled:
         ptx_mma=tuple(sorted(set(re.findall(r"\b(mma\.sync|wgmma\.mma_async)", ptx)))),
         sass_mma=tuple(sorted(set(re.findall(r"\b(HMMA|HGMMA)\.", sass)))),
     )
+    _REPORT_CACHE.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(dataclasses.asdict(result)))
+    return result
 
 
 def _describe(config) -> str:
