@@ -24,7 +24,9 @@ it. ``python tests/test_triton_aot.py`` prints the table of registers/spills/sha
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
+import json
 import multiprocessing
 import os
 import re
@@ -47,6 +49,9 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
                   torch.int32: "i32"}  # fmt: skip
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_REPORT_CACHE = Path(
+    os.environ.get("LORAKERNELS_AOT_CACHE", Path.home() / ".cache" / "lorakernels" / "aot")
+)
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class Spec:
     tf32: bool = False  # torch.backends.cuda.matmul.allow_tf32 (fp32 pair kernels only)
 
     def label(self, kind: str) -> str:
-        if kind == "fused":
+        if kind in ("fused", "segmented"):
             return "bias" if self.bias else "no bias"
         words = [f"K{self.k}" if kind == "shrink" else f"N{self.n}"]
         if self.tf32:
@@ -205,6 +210,15 @@ def _compile(job: tuple) -> Compiled:
     (record,) = _plans(dtype, kind, config, spec)
     src, options = _source(record)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    # The report of a compile Triton already cached is cached beside it (keyed by Triton's
+    # hash of source, specialization, options and target): reruns skip the two cuobjdump calls.
+    report = _REPORT_CACHE / f"{compiled.hash}-{arch}.json"
+    names = {"kernel": record["kernel"], "dtype": dtype, "config": _describe(config),
+             "spec": spec.label(kind), "arch": arch}  # fmt: skip
+    if report.is_file():
+        cached = json.loads(report.read_text())
+        return Compiled(**{**cached, **names, "ptx_mma": tuple(cached["ptx_mma"]),
+                           "sass_mma": tuple(cached["sass_mma"])})  # fmt: skip
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin_path = Path(tmp, "k.cubin")
@@ -220,12 +234,8 @@ def _compile(job: tuple) -> Compiled:
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if not found:
         raise RuntimeError(f"unexpected cuobjdump output:\n{usage}")
-    return Compiled(
-        kernel=record["kernel"],
-        dtype=dtype,
-        config=_describe(config),
-        spec=spec.label(kind),
-        arch=arch,
+    result = Compiled(
+        **names,
         registers=int(found.group(1)),
         stack_bytes=int(found.group(2)),
         local_bytes=int(found.group(3)),
@@ -233,6 +243,9 @@ def _compile(job: tuple) -> Compiled:
         ptx_mma=tuple(sorted(set(re.findall(r"\b(mma\.sync|wgmma\.mma_async)", ptx)))),
         sass_mma=tuple(sorted(set(re.findall(r"\b(HMMA|HGMMA)\.", sass)))),
     )
+    _REPORT_CACHE.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(dataclasses.asdict(result)))
+    return result
 
 
 def _describe(config) -> str:
@@ -250,7 +263,11 @@ def _jobs() -> list[tuple]:
     identically are listed once."""
     jobs, seen = [], set()
     tables = dict(dispatch.all_configs())
-    tables["segmented"] = tables["fused"]  # same tiles, per-sample weight entry (issue 13)
+    # the fused tiles for the per-sample-weight entry (issue 13), as its launcher adapts them
+    tables["segmented"] = [
+        (arch, dtype, dispatch.segmented_config(config, arch))
+        for arch, dtype, config in tables["fused"]
+    ]
     for kind, configs in tables.items():
         for arch, dtype, config in configs:
             for spec in SPECS[kind]:
@@ -318,7 +335,10 @@ else:
         }  # fmt: skip
         assert configs - {c for c in configs if c[2] == "_fused_segmented_kernel"} == want
         segmented = {(a, d, c) for a, d, k, c in configs if k == "_fused_segmented_kernel"}
-        assert segmented == {(a, d, c) for a, d, k, c in want if k == "_fused_multi_lora_kernel"}
+        assert segmented == {
+            (arch, dtype, _describe(dispatch.segmented_config(config, arch)))
+            for arch, dtype, config in dispatch.all_configs()["fused"]
+        }
         kinds = {r.kernel for r in compiled}
         assert kinds == {"_fused_multi_lora_kernel", "_fused_segmented_kernel",
                          "_lora_shrink_kernel", "_lora_expand_kernel"}  # fmt: skip

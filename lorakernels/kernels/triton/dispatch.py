@@ -82,6 +82,7 @@ __all__ = [
     "pair_costs",
     "rank_block",
     "seconds",
+    "segmented_config",
     "shrink_config",
     "split_k_for",
 ]
@@ -232,6 +233,20 @@ def fused_config(rows: int, n: int, r_cap: int, dtype: str, *, arch: int = 90) -
     # regs with 4 warps, at the limit; 180 with 8).
     num_warps = 4 if block_m == block_n == 64 and not multi else 8
     return FusedConfig(block_m, block_n, 64, block_r, num_warps, 3, multi)
+
+
+def segmented_config(fused: FusedConfig, arch: int = 90) -> FusedConfig:
+    """The fused tile adapted to the segmented kernel (per-sample weight, issue 13 item 4).
+
+    Its weight select costs a few registers: on sm_80 the 64x64 rank-16 tile with 3 stages
+    then holds 128 registers and spills 24 B/thread; 2 stages fit (139-145 regs, AOT table).
+    """
+    if arch < 90 and (fused.block_m, fused.block_n, fused.block_r) == (64, 64, 16):
+        if not fused.multi_block and fused.num_stages > 2:
+            return FusedConfig(
+                fused.block_m, fused.block_n, fused.block_k, fused.block_r, fused.num_warps, 2
+            )
+    return fused
 
 
 def shrink_config(r_cap: int, dtype: str, *, arch: int = 90) -> ShrinkConfig:

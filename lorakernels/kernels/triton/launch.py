@@ -643,7 +643,9 @@ def plan_fused_segmented(
     r_cap = meta.max_entries * meta.max_rank
     if config is None:
         rows = max(1, min(meta.max_rows, m)) if m else 1
-        config = dispatch.fused_config(rows, n, r_cap, dtype, arch=_arch(x.device))
+        arch = _arch(x.device)
+        config = dispatch.fused_config(rows, n, r_cap, dtype, arch=arch)
+        config = dispatch.segmented_config(config, arch)
     if r_cap > config.block_r and not config.multi_block:
         raise ValueError(
             f"config: block_r={config.block_r} without multi_block cannot hold the summed rank "
