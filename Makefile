@@ -22,10 +22,12 @@ TORCH_INDEX ?= $(if $(HAS_NVIDIA),,https://download.pytorch.org/whl/cpu)
 TORCH_STAMP := $(VENV)/.torch
 BENCH_STAMP := $(VENV)/.installed-bench
 DEV_STAMP   := $(VENV)/.installed-dev
+SERVE_STAMP := $(VENV)/.installed-serve
+RAY_STAMP   := $(VENV)/.installed-ray
 # pytest's summary lists every skip with its reason (-rs); CI logs must show what did not run
 PYTEST := $(PY) -m pytest -q -rs
 
-.PHONY: setup test bench bench-full lint clean gpu-check
+.PHONY: setup test bench bench-full lint clean gpu-check serve-demo serve-demo-ray
 
 $(TORCH_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,9 +48,17 @@ $(BENCH_STAMP): $(TORCH_STAMP) pyproject.toml
 	$(PIP) -e ".[bench]"
 	touch $@
 
+$(SERVE_STAMP): $(TORCH_STAMP) pyproject.toml
+	$(PIP) -e ".[serve]"
+	touch $@
+
+$(RAY_STAMP): $(TORCH_STAMP) pyproject.toml
+	$(PIP) -e ".[ray]"
+	touch $@ $(SERVE_STAMP)
+
 $(DEV_STAMP): $(TORCH_STAMP) pyproject.toml
 	$(PIP) -e ".[dev]"
-	touch $@ $(BENCH_STAMP)
+	touch $@ $(BENCH_STAMP) $(SERVE_STAMP) $(RAY_STAMP)
 
 setup: $(DEV_STAMP)
 
@@ -61,6 +71,15 @@ bench: $(BENCH_STAMP)
 
 bench-full: $(BENCH_STAMP)
 	$(VENV)/bin/lorakernels bench --full
+
+# The A1111-compatible server on a tiny random-weight pipeline and 4 generated LoRAs
+# (built locally, no downloads), on 127.0.0.1:7860 until Ctrl-C
+serve-demo: $(SERVE_STAMP)
+	$(VENV)/bin/lorakernels serve --demo
+
+# The same behind Ray Serve: a local cluster, 2 replicas, adapter-affinity routing
+serve-demo-ray: $(RAY_STAMP)
+	$(VENV)/bin/lorakernels serve --demo --ray --replicas 2
 
 # On a GPU machine (torch + triton there, nothing downloadable): the one command of
 # benchmarks/GPU.md. Runs from this checkout with .venv's python if there is one, else the

@@ -11,7 +11,10 @@ Conventions (a README block that breaks one fails here):
   After a block runs, :data:`POSTCONDITIONS` check what its comments promise.
 * ``bash`` blocks: every line must be ``make <target>`` (comments allowed). They are checked
   with ``make -n`` (what would run, nothing runs), and the command each target promises must
-  appear in that plan (:data:`MAKE_PROMISES`).
+  appear in that plan (:data:`MAKE_PROMISES`). The one exception: a block of ``curl`` lines
+  talks to the demo server (``make serve-demo``), so it runs for real against
+  ``lorakernels serve --demo`` started by the test on 127.0.0.1:7860; every line must succeed
+  and answer JSON (txt2img: with one base64 PNG per image).
 * ``text`` blocks are prose (formulas) and are not run.
 """
 
@@ -33,7 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 LANGUAGES = {"python", "bash", "text"}
-MAKE_PROMISES = {"bench": "lorakernels bench --quick", "test": "pytest"}
+MAKE_PROMISES = {
+    "bench": "lorakernels bench --quick",
+    "test": "pytest",
+    "serve-demo": "lorakernels serve --demo",
+    "serve-demo-ray": "lorakernels serve --demo --ray --replicas 2",
+}
 
 
 def blocks() -> list[tuple[str, str, int]]:
@@ -109,8 +117,15 @@ def _check_op(ns: dict) -> None:
     torch.testing.assert_close(y[10:], base[10:])  # sample 2: no adapter
 
 
+def _check_library(ns: dict) -> None:
+    assert len(ns["images"]) == 2
+    st = ns["lora"].stats()
+    assert {"resident", "resident_bytes", "hits", "misses", "evictions", "prefetched"} <= set(st)
+    assert "tarot" in st["resident"]  # pinned: resident whatever the prompts used
+
+
 POSTCONDITIONS = {"lkd.generate(": _check_images, "MultiLoRA(": _check_manager,
-                  "multi_lora_linear(": _check_op}  # fmt: skip
+                  "multi_lora_linear(": _check_op, "AdapterLibrary(": _check_library}  # fmt: skip
 
 
 @pytest.fixture
@@ -159,7 +174,70 @@ def test_python_block_runs(block, user_files):
         fn(ns)
 
 
-@pytest.mark.parametrize("block", [b for b in blocks() if b[0] == "bash"], ids=_ids)
+def _is_curl(code: str) -> bool:
+    lines = [c.split("#", 1)[0].strip() for c in code.splitlines()]
+    return any(lines) and all(c.startswith("curl ") for c in lines if c)
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    """``lorakernels serve --demo`` on 127.0.0.1:7860 (the README's address), stopped after."""
+    import sys
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("demo")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorakernels", "serve", "--demo", "--demo-dir", str(folder),
+         "--host", "127.0.0.1", "--port", "7860"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"serve --demo exited: {proc.stderr.read()}"
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:7860/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "serve --demo did not answer /health in 180 s"
+            time.sleep(0.5)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in blocks() if b[0] == "bash" and _is_curl(b[1])], ids=_ids
+)
+def test_curl_block_answers(block, demo_server):
+    import base64
+    import json
+
+    _, code, line = block
+    for cmd in code.splitlines():
+        cmd = cmd.split("#", 1)[0].strip()
+        if not cmd:
+            continue
+        out = subprocess.run(
+            ["bash", "-c", cmd + " --fail --max-time 120"], capture_output=True, text=True,
+            timeout=150,
+        )  # fmt: skip
+        assert out.returncode == 0, f"README.md:{line}: {cmd} -> {out.returncode} {out.stderr}"
+        body = json.loads(out.stdout)
+        if "txt2img" in cmd:
+            assert len(body["images"]) >= 1
+            for image in body["images"]:
+                assert base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n"
+            assert "seed" in json.loads(body["info"])
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in blocks() if b[0] == "bash" and not _is_curl(b[1])], ids=_ids
+)
 def test_bash_block_is_a_valid_make_plan(block):
     _, code, line = block
     make = shutil.which("make")

@@ -32,6 +32,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=1024, help="largest width/height")
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-images", type=int, default=16, help="batch_size * n_iter limit")
+    p.add_argument(
+        "--max-resident-adapters", type=int, default=None,
+        help="adapters held in the banks at once (LRU eviction; default: no bound)",
+    )  # fmt: skip
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if any)")
@@ -68,6 +72,7 @@ def server_kwargs(args: argparse.Namespace) -> dict:
         "max_size": args.max_size,
         "max_steps": args.max_steps,
         "max_images": args.max_images,
+        "max_resident_adapters": args.max_resident_adapters,
     }
 
 
