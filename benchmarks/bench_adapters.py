@@ -62,9 +62,10 @@ def _attn_paths(unet) -> list[str]:
     return [
         n
         for n, m in unet.named_modules()
-        if isinstance(m, torch.nn.Linear) and ".attn" in n and n.split(".")[-1] in
-        ("to_q", "to_k", "to_v", "0")
-    ]  # fmt: skip
+        if isinstance(m, torch.nn.Linear)
+        and ".attn" in n
+        and n.split(".")[-1] in ("to_q", "to_k", "to_v", "0")
+    ]
 
 
 def _write_kohya(folder: Path, count: int, unet, seed: int) -> list[str]:
@@ -270,8 +271,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    doc: dict = {"load_before": _load(), "threads": torch.get_num_threads(),
-                 "torch": torch.__version__, "lorakernels": lorakernels.__version__}  # fmt: skip
+    doc: dict = {
+        "load_before": _load(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lorakernels": lorakernels.__version__,
+    }
     if args.part in ("scan", "all"):
         doc["scan"] = bench_scan(args.files)
         print(f"scan: {doc['scan']}", flush=True)

@@ -60,11 +60,13 @@ def run_config(url, reqs, clients):
         t.join()
     wall = time.perf_counter() - t0
     return {
-        "images_per_s": len(lat) / wall, "p50_s": statistics.median(lat),
-        "p95_s": float(np.percentile(lat, 95)), "hit_rate": sum(hits) / max(1, len(hits)),
+        "images_per_s": len(lat) / wall,
+        "p50_s": statistics.median(lat),
+        "p95_s": float(np.percentile(lat, 95)),
+        "hit_rate": sum(hits) / max(1, len(hits)),
         "per_replica": {r: replicas.count(r) for r in sorted(set(replicas))},
         "non_200": len(statuses) - statuses.count(200),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -90,17 +92,28 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     reqs = [
-        {"prompt": f"<lora:{name}:1> a cat", "seed": seed, "steps": args.steps,
-         "width": args.size, "height": args.size, "sampler_name": "Euler a"}
+        {
+            "prompt": f"<lora:{name}:1> a cat",
+            "seed": seed,
+            "steps": args.steps,
+            "width": args.size,
+            "height": args.size,
+            "sampler_name": "Euler a",
+        }
         for name, seed in workload(args.requests, "zipf", seed=1)
-    ]  # fmt: skip
+    ]
     rows = []
     for replicas, affinity in ((1, True), (2, True), (2, False)):
         app = build_app(
-            str(model), [str(loras)], model_name="demo", replicas=replicas, replica_cpus=1,
-            affinity=affinity, max_models_per_replica=args.resident,
+            str(model),
+            [str(loras)],
+            model_name="demo",
+            replicas=replicas,
+            replica_cpus=1,
+            affinity=affinity,
+            max_models_per_replica=args.resident,
             server_kwargs={"max_batch_rows": 16, "max_resident_adapters": args.resident},
-        )  # fmt: skip
+        )
         serve.run(app, name="lk", route_prefix="/")
         run_config(url, reqs[: args.clients], args.clients)  # warm-up
         res = run_config(url, reqs, args.clients)

@@ -57,9 +57,14 @@ def workload(n: int, popularity: str, seed: int = 0) -> list[tuple[str, int]]:
 
 def make_request(name: str, seed: int, args) -> GenerationRequest:
     return GenerationRequest(
-        f"<lora:{name}:1> a cat", steps=args.steps, seed=seed, width=args.size,
-        height=args.size, sampler="Euler a", guidance_scale=7.0,
-    )  # fmt: skip
+        f"<lora:{name}:1> a cat",
+        steps=args.steps,
+        seed=seed,
+        width=args.size,
+        height=args.size,
+        sampler="Euler a",
+        guidance_scale=7.0,
+    )
 
 
 class Sequential:
@@ -84,10 +89,14 @@ class Sequential:
                 tags = TAG.findall(req.prompt)
                 self.pipe.set_adapters([n for n, _ in tags], [float(w) for _, w in tags])
                 out = self.pipe(
-                    TAG.sub("", req.prompt), num_inference_steps=req.steps,
-                    guidance_scale=req.guidance_scale, height=req.height, width=req.width,
-                    generator=torch.Generator().manual_seed(req.seed), output_type="np",
-                ).images[0]  # fmt: skip
+                    TAG.sub("", req.prompt),
+                    num_inference_steps=req.steps,
+                    guidance_scale=req.guidance_scale,
+                    height=req.height,
+                    width=req.width,
+                    generator=torch.Generator().manual_seed(req.seed),
+                    output_type="np",
+                ).images[0]
                 loop.call_soon_threadsafe(fut.set_result, out)
             except Exception as exc:  # noqa: BLE001 - reported to the client
                 loop.call_soon_threadsafe(fut.set_exception, exc)
@@ -149,13 +158,20 @@ def bench(args) -> None:
                 for name, prov in providers.items():
                     runs[name].append(asyncio.run(closed_loop(prov, reqs, clients)))
             for name, rs in runs.items():
-                rows.append({
-                    "popularity": popularity, "clients": clients, "provider": name,
-                    "requests": n, "repeats": args.repeats,
-                    "images_per_s": statistics.median(n / w for w, _, _ in rs),
-                    "p50_s": statistics.median(statistics.median(lat) for _, lat, _ in rs),
-                    "p95_s": statistics.median(float(np.percentile(lat, 95)) for _, lat, _ in rs),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "popularity": popularity,
+                        "clients": clients,
+                        "provider": name,
+                        "requests": n,
+                        "repeats": args.repeats,
+                        "images_per_s": statistics.median(n / w for w, _, _ in rs),
+                        "p50_s": statistics.median(statistics.median(lat) for _, lat, _ in rs),
+                        "p95_s": statistics.median(
+                            float(np.percentile(lat, 95)) for _, lat, _ in rs
+                        ),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
             a, b = runs["ours"][0][2][0], runs["diffusers sequential (a)"][0][2][0]
             diff = np.abs(a - b).max()
@@ -201,8 +217,19 @@ def load_test(args) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, "-m", "lorakernels", "serve", "--demo", "--port", str(port),
-           "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakernels",
+        "serve",
+        "--demo",
+        "--port",
+        str(port),
+        "--max-batch-rows",
+        str(args.max_batch_rows),
+        "--log-level",
+        "warning",
+    ]
     if args.demo_dir:
         cmd += ["--demo-dir", str(args.demo_dir)]
     proc = subprocess.Popen(cmd, env=env)
@@ -224,8 +251,13 @@ def load_test(args) -> None:
         def client(c: int) -> None:
             with httpx.Client(timeout=300) as http:
                 for i in range(c, total, clients):
-                    body = {"prompt": f"<lora:{names[i % 4]}:1> a cat", "seed": 10_000 + i,
-                            "steps": args.steps, "width": 32, "height": 32}  # fmt: skip
+                    body = {
+                        "prompt": f"<lora:{names[i % 4]}:1> a cat",
+                        "seed": 10_000 + i,
+                        "steps": args.steps,
+                        "width": 32,
+                        "height": 32,
+                    }
                     r = http.post(url + "/sdapi/v1/txt2img", json=body)
                     with lock:
                         statuses.append(r.status_code)
@@ -244,12 +276,20 @@ def load_test(args) -> None:
         wall = time.perf_counter() - t0
         rss.append(rss_kib(proc.pid))
         wrong = [i for i, s in answers.items() if s != [10_000 + i]]
-        print(json.dumps({
-            "requests": total, "answered_200": statuses.count(200),
-            "other_status": sorted(set(statuses) - {200}), "missing": total - len(answers),
-            "duplicated_or_wrong_seed": len(wrong), "wall_s": round(wall, 1),
-            "images_per_s": round(total / wall, 2), "rss_mib": [round(r / 1024) for r in rss],
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "requests": total,
+                    "answered_200": statuses.count(200),
+                    "other_status": sorted(set(statuses) - {200}),
+                    "missing": total - len(answers),
+                    "duplicated_or_wrong_seed": len(wrong),
+                    "wall_s": round(wall, 1),
+                    "images_per_s": round(total / wall, 2),
+                    "rss_mib": [round(r / 1024) for r in rss],
+                }
+            )
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=60)

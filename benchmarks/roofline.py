@@ -97,9 +97,14 @@ GPUS = {"A100": dispatch.A100, "H100": dispatch.H100, "H200": dispatch.H200}
 def floor(costs: list[dispatch.Cost], dtype: str, machine: dispatch.Machine) -> float:
     """Roofline seconds without launch overhead."""
     no_launch = dispatch.Machine(
-        f"{machine.name}, no launch cost", machine.mma_flops_16bit, machine.fma_flops_fp32,
-        machine.bandwidth, 0.0, machine.sm_count, machine.mma_flops_tf32,
-    )  # fmt: skip
+        f"{machine.name}, no launch cost",
+        machine.mma_flops_16bit,
+        machine.fma_flops_fp32,
+        machine.bandwidth,
+        0.0,
+        machine.sm_count,
+        machine.mma_flops_tf32,
+    )
     return dispatch.seconds(costs, dtype, no_launch)
 
 
@@ -132,9 +137,18 @@ def main(argv: list[str] | None = None) -> None:
     totals: dict[str, list[float]] = {}
     for layer in unet_layers():
         m = samples * layer.rows
-        plan = dispatch.choose(m, layer.n, layer.k, layer.rows, args.entries, args.rank,
-                               args.dtype, arch=args.arch, sm_count=machine.sm_count,
-                               machine=machine)  # fmt: skip
+        plan = dispatch.choose(
+            m,
+            layer.n,
+            layer.k,
+            layer.rows,
+            args.entries,
+            args.rank,
+            args.dtype,
+            arch=args.arch,
+            sm_count=machine.sm_count,
+            machine=machine,
+        )
         base = dispatch.base_costs(m, layer.n, layer.k, args.dtype)
         if plan.path == "fused":
             ours = dispatch.fused_costs(m, layer.n, layer.k, layer.rows, r, args.dtype, args.arch)

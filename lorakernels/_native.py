@@ -46,10 +46,23 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
         # dtype, y_in_dtype, y_in, ldyi, y_out, ldyo, t, ldt, lora_bt, ldb, slot_start,
         # slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot, entry_weight, num_samples,
         # num_slots, bank_rows, N, max_rows, max_entries, max_rank, stream
-        [_i32, _i32, _c_ptr, _i64, _c_ptr, _i64, _c_ptr, _i64, _c_ptr, _i64,
-         *[_c_ptr] * 7, *[_i64] * 7, _c_ptr],
+        [
+            _i32,
+            _i32,
+            _c_ptr,
+            _i64,
+            _c_ptr,
+            _i64,
+            _c_ptr,
+            _i64,
+            _c_ptr,
+            _i64,
+            *[_c_ptr] * 7,
+            *[_i64] * 7,
+            _c_ptr,
+        ],
     ),
-}  # fmt: skip
+}
 
 
 def library_path() -> Path:

@@ -67,8 +67,18 @@ class _Host:
     """Host-side state of a bank, kept off ``nn.Module`` attribute handling (whose
     ``__setattr__``/``__getattr__`` cost ~10 µs per bank update: 30 % of a warm switch)."""
 
-    __slots__ = ("used", "max_rank", "rank_floor", "version", "free", "slots", "registered",
-                 "slot_version", "tensors", "host_views")  # fmt: skip
+    __slots__ = (
+        "used",
+        "max_rank",
+        "rank_floor",
+        "version",
+        "free",
+        "slots",
+        "registered",
+        "slot_version",
+        "tensors",
+        "host_views",
+    )
 
     def __init__(self, rows: int, slots: int) -> None:
         self.used = 0
@@ -147,9 +157,12 @@ class LoRABank(nn.Module):
         if all(x.device.type == "cpu" and x.is_contiguous() for x in t) and _HAS_NUMPY:
             bits = _BITS[t[0].element_size()]
             self._h.host_views = (
-                t[2].numpy(), t[3].numpy(), t[4].numpy(),
-                t[0].view(bits).numpy(), t[1].view(bits).numpy(),
-            )  # fmt: skip
+                t[2].numpy(),
+                t[3].numpy(),
+                t[4].numpy(),
+                t[0].view(bits).numpy(),
+                t[1].view(bits).numpy(),
+            )
 
     # ------------------------------------------------------------------ queries
     @property

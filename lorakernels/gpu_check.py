@@ -83,10 +83,15 @@ def _environment() -> dict:
     smi = shutil.which("nvidia-smi")
     if smi:
         out = subprocess.run(
-            [smi, "--query-gpu=driver_version,name,clocks.max.sm,power.limit",
-             "--format=csv,noheader"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            [
+                smi,
+                "--query-gpu=driver_version,name,clocks.max.sm,power.limit",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         env["nvidia_smi"] = out.stdout.strip() or out.stderr.strip()
     env["report"] = info()
     return env
@@ -119,8 +124,14 @@ def _speed_layer() -> dict:
     device = torch.device("cuda")
     providers = layer_providers(device, names=["ours", "merge", "peft", "loop"])
     timing = TimingConfig(repeats=5, warmup=2, min_sample_s=0.02)
-    doc: dict = {"schema": report.SCHEMA, "provenance": report.provenance(device, dtypes, []),
-                 "mode": "gpu-check", "notes": [], "layer": [], "model": []}  # fmt: skip
+    doc: dict = {
+        "schema": report.SCHEMA,
+        "provenance": report.provenance(device, dtypes, []),
+        "mode": "gpu-check",
+        "notes": [],
+        "layer": [],
+        "model": [],
+    }
     for w in work:
         doc["layer"].append(run_layer(w, device, timing, providers=providers))
     report.finish_provenance(doc)
@@ -134,8 +145,14 @@ def _speed_unet() -> dict:
     from .bench.unet import UNetWorkload, run_unet
 
     device = torch.device("cuda")
-    doc: dict = {"schema": report.SCHEMA, "provenance": report.provenance(device, ["fp16"], []),
-                 "mode": "gpu-check", "notes": [], "layer": [], "model": []}  # fmt: skip
+    doc: dict = {
+        "schema": report.SCHEMA,
+        "provenance": report.provenance(device, ["fp16"], []),
+        "mode": "gpu-check",
+        "notes": [],
+        "layer": [],
+        "model": [],
+    }
     w = UNetWorkload(model="sd15", latent=64, prompts=8, adapters=8, dtype="fp16", repeats=3)
     doc["model"].append(run_unet(w, device))
     report.finish_provenance(doc)
@@ -155,11 +172,20 @@ def _run_body(name: str, result_path: Path) -> int:
 # ---------------------------------------------------------------------- driver
 def _command(stage: Stage, out: Path) -> list[str]:
     if stage.name == "correctness":
-        return [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs",
-                "-p", "no:cacheprovider", f"--junitxml={out / 'pytest-gpu.xml'}",
-                str(ROOT / "tests")]  # fmt: skip
-    return [sys.executable, "-m", "lorakernels.gpu_check", "--stage", stage.name,
-            "--out", str(out)]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "-q",
+            "-rfEs",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={out / 'pytest-gpu.xml'}",
+            str(ROOT / "tests"),
+        ]
+    return [sys.executable, "-m", "lorakernels.gpu_check", "--stage", stage.name, "--out", str(out)]
 
 
 def _run_stage(stage: Stage, out: Path) -> dict:
@@ -167,15 +193,17 @@ def _run_stage(stage: Stage, out: Path) -> dict:
     if stage.name == "correctness" and not (ROOT / "tests").is_dir():
         status = f"not run: {ROOT / 'tests'} does not exist (run gpu-check from a checkout)"
         print(f"   {status}", flush=True)
-        return {"stage": stage.name, "budget_s": stage.budget_s, "wall_s": 0.0,
-                "status": status}  # fmt: skip
+        return {"stage": stage.name, "budget_s": stage.budget_s, "wall_s": 0.0, "status": status}
     log = out / f"{stage.name}.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        proc = subprocess.Popen(_command(stage, out), stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=ROOT, env=env)  # fmt: skip
+        proc = subprocess.Popen(
+            _command(stage, out), stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+        )
         try:
             code = proc.wait(timeout=stage.budget_s)
             status = "ok" if code == 0 else f"failed (exit {code})"
@@ -184,12 +212,20 @@ def _run_stage(stage: Stage, out: Path) -> dict:
             proc.wait()
             status = f"stopped at its {stage.budget_s} s budget"
     wall = time.perf_counter() - t0
-    record: dict = {"stage": stage.name, "budget_s": stage.budget_s, "wall_s": round(wall, 1),
-                    "status": status, "log": log.name}  # fmt: skip
+    record: dict = {
+        "stage": stage.name,
+        "budget_s": stage.budget_s,
+        "wall_s": round(wall, 1),
+        "status": status,
+        "log": log.name,
+    }
     text = log.read_text(errors="replace")
     if stage.name == "correctness":
-        summary = [ln for ln in text.splitlines() if " passed" in ln or " failed" in ln
-                   or " error" in ln or " skipped" in ln]  # fmt: skip
+        summary = [
+            ln
+            for ln in text.splitlines()
+            if " passed" in ln or " failed" in ln or " error" in ln or " skipped" in ln
+        ]
         record["summary"] = summary[-1] if summary else "(no pytest summary)"
         record["failures"] = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))]
         record["skips"] = [ln for ln in text.splitlines() if ln.startswith("SKIPPED")]
@@ -199,8 +235,11 @@ def _run_stage(stage: Stage, out: Path) -> dict:
             record["result"] = json.loads(result.read_text())
     if status != "ok":
         record["tail"] = text[-3000:]
-    print(f"   {status} in {wall:.0f} s" + (f": {record.get('summary')}" if "summary" in record
-                                             else ""), flush=True)  # fmt: skip
+    print(
+        f"   {status} in {wall:.0f} s"
+        + (f": {record.get('summary')}" if "summary" in record else ""),
+        flush=True,
+    )
     return record
 
 

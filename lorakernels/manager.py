@@ -102,10 +102,17 @@ def _plain_conv(layer: MultiLoRAConv2d) -> nn.Conv2d:
     """A plain ``nn.Conv2d`` sharing ``layer``'s parameters (built on the meta device, so
     nothing is allocated before the parameters are swapped in)."""
     conv = nn.Conv2d(
-        layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-        padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=False,
-        padding_mode=layer.padding_mode, device="meta",
-    )  # fmt: skip
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        bias=False,
+        padding_mode=layer.padding_mode,
+        device="meta",
+    )
     conv.weight = layer.weight
     conv.bias = layer.bias
     return conv
@@ -156,8 +163,10 @@ class MultiLoRA:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if library is not None and not isinstance(library, AdapterLibrary):
             raise TypeError(f"library must be an AdapterLibrary, got {type(library).__name__}")
-        for arg, v in (("max_resident_adapters", max_resident_adapters),
-                       ("resident_bytes", resident_bytes)):  # fmt: skip
+        for arg, v in (
+            ("max_resident_adapters", max_resident_adapters),
+            ("resident_bytes", resident_bytes),
+        ):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{arg} must be an int >= 1 or None, got {v!r}")
         self.model = model
@@ -269,11 +278,14 @@ class MultiLoRA:
         w = mod.weight
         bounded = self.pool.budget.rows_per_layer is not None
         new.lora_bank = LoRABank(
-            new.lora_bank.in_features, new.lora_bank.out_features, dtype=w.dtype,
-            device=w.device, rows=self._prealloc_rows,
+            new.lora_bank.in_features,
+            new.lora_bank.out_features,
+            dtype=w.dtype,
+            device=w.device,
+            rows=self._prealloc_rows,
             slots=self._slot_cap if self._slot_cap is not None else max(8, self._next_slot),
             growable=not bounded,
-        )  # fmt: skip
+        )
         for slot in self.slots.values():
             new.lora_bank.register(slot)
         if self.pool.bounded:  # keep the kernels' rank bound fixed (see LoRABank.rank_floor)
@@ -365,8 +377,11 @@ class MultiLoRA:
                 sub = dataclasses.replace(source, layers=tuple(source.layers[i] for i in mine))
                 resolved = resolve_modules(sub, {comp: self._names()}, strict=strict)[comp]
                 by_key = {id(w): p for p, w in resolved.items()}
-                mapping = [(by_key[id(source.layers[i].weights)], i) for i in mine
-                           if id(source.layers[i].weights) in by_key]  # fmt: skip
+                mapping = [
+                    (by_key[id(source.layers[i].weights)], i)
+                    for i in mine
+                    if id(source.layers[i].weights) in by_key
+                ]
                 self._mappings[name] = cached = (stamp, mapping)
             items: list[tuple[str, Any]] = [(p, source.layers[i].weights) for p, i in cached[1]]
         else:
@@ -709,9 +724,13 @@ class MultiLoRA:
                 cached.fill_(mixtures, self.slots)
                 return cached
         batch = LoRABatch.from_mixtures(
-            mixtures, self.slots, device=device, rows_per_sample=rows,
-            entry_capacity=max(16, 2 * n), max_entries=_MAX_ENTRIES_HINT,
-        )  # fmt: skip
+            mixtures,
+            self.slots,
+            device=device,
+            rows_per_sample=rows,
+            entry_capacity=max(16, 2 * n),
+            max_entries=_MAX_ENTRIES_HINT,
+        )
         self._batches.setdefault(key, []).append(batch)
         return batch
 

@@ -86,8 +86,11 @@ def write_files(folder: Path, count: int, seed: int = 0) -> dict[str, dict[str, 
     for i in range(count):
         name = f"lora_{i:03d}"
         adapters[name] = make_adapter(seed * 100_000 + i)
-        save_file(kohya_dict(adapters[name]), str(folder / f"{name}.safetensors"),
-                  metadata={"ss_output_name": f"out_{i:03d}"})  # fmt: skip
+        save_file(
+            kohya_dict(adapters[name]),
+            str(folder / f"{name}.safetensors"),
+            metadata={"ss_output_name": f"out_{i:03d}"},
+        )
     return adapters
 
 

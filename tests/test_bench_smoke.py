@@ -65,8 +65,9 @@ class _DropsOneAdapter(Provider):
 
     def prepare(self, case):
         last = sorted(case.adapters)[-1]
-        broken = replace(case, mixtures=[{k: v for k, v in m.items() if k != last}
-                                         for m in case.mixtures])  # fmt: skip
+        broken = replace(
+            case, mixtures=[{k: v for k, v in m.items() if k != last} for m in case.mixtures]
+        )
         return Loop().prepare(broken)
 
 
@@ -83,8 +84,11 @@ def test_default_table_workloads():
     ws = layer_suite(["fp32", "bf16"])
     assert len(ws) == 16  # 4 SD1.5 shapes x mixtures of 1 and 2 x 2 dtypes
     assert {(w.shape.rows, w.shape.K, w.shape.N) for w in ws} == {
-        (4096, 320, 320), (77, 768, 320), (1024, 640, 640), (256, 1280, 1280)
-    }  # fmt: skip
+        (4096, 320, 320),
+        (77, 768, 320),
+        (1024, 640, 640),
+        (256, 1280, 1280),
+    }
     for w in ws:
         mixes = w.mixtures()
         assert len(mixes) == 16 and all(len(m) == w.mixture for m in mixes)
@@ -126,8 +130,21 @@ def test_cli_smoke_writes_json_plots_and_compares(tmp_path, capsys):
     md.write_text(
         f"# Results\n\nprose before\n\n{report.BEGIN}\nold\n{report.END}\n\nprose after\n"
     )
-    rc = main(["--smoke", "--suite", "layer", "--dtype", "fp32", "--out", str(out),
-               "--markdown", str(md), "--threads", "1"])  # fmt: skip
+    rc = main(
+        [
+            "--smoke",
+            "--suite",
+            "layer",
+            "--dtype",
+            "fp32",
+            "--out",
+            str(out),
+            "--markdown",
+            str(md),
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     doc = json.loads((tmp_path / "results" / "results.json").read_text())
     assert doc["schema"] == report.SCHEMA
@@ -183,20 +200,38 @@ def _fake_layer(dtype: str, ours_spread: float, ours_ms: float = 1.2) -> dict:
         return {"median_ms": ms, "spread": spread, "times_ms": [ms] * 5}
 
     w = {
-        "suite": "layer", "key": f"k|{dtype}|{ours_spread}", "label": "down0 img (4096,320,320)",
-        "ranks": [16], "samples": 16, "adapters": 8, "mixture": 1, "popularity": "distinct",
-        "frac_empty": 0.0, "dtype": dtype, "ideal": 1.1,
-    }  # fmt: skip
-    provs = {"base": prov(1.0), "ours": prov(ours_ms, ours_spread), "merge": prov(1.5),
-             "fuse": prov(2.0), "peft": prov(3.0), "loop": prov(4.0)}  # fmt: skip
+        "suite": "layer",
+        "key": f"k|{dtype}|{ours_spread}",
+        "label": "down0 img (4096,320,320)",
+        "ranks": [16],
+        "samples": 16,
+        "adapters": 8,
+        "mixture": 1,
+        "popularity": "distinct",
+        "frac_empty": 0.0,
+        "dtype": dtype,
+        "ideal": 1.1,
+    }
+    provs = {
+        "base": prov(1.0),
+        "ours": prov(ours_ms, ours_spread),
+        "merge": prov(1.5),
+        "fuse": prov(2.0),
+        "peft": prov(3.0),
+        "loop": prov(4.0),
+    }
     if dtype != "fp32":
         provs["base32"] = prov(2.0)
     return {"workload": w, "providers": provs}
 
 
 def test_table_is_narrow_by_default_with_a_legend_and_wide_on_request():
-    doc = {"mode": "quick", "notes": [], "model": [],
-           "layer": [_fake_layer("fp32", 0.05), _fake_layer("bf16", 0.6, ours_ms=1.1)]}  # fmt: skip
+    doc = {
+        "mode": "quick",
+        "notes": [],
+        "model": [],
+        "layer": [_fake_layer("fp32", 0.05), _fake_layer("bf16", 0.6, ours_ms=1.1)],
+    }
     narrow = report.text_report(doc)
     wide = report.text_report(doc, wide=True)
     table = narrow.split("\n\n")[0].splitlines()
@@ -216,8 +251,12 @@ def test_plot_ticks_do_not_crowd_and_quick_plots_say_so(tmp_path, monkeypatch):
     assert 1 in ticks and min(gaps) >= (60 / 0.008) ** (1 / 9) * 0.999
     titles = []
     monkeypatch.setattr(report, "_bars", lambda *a, **k: titles.append(a[6]))
-    doc = {"mode": "quick", "provenance": {"device_name": "cpu", "threads": 2},
-           "layer": [_fake_layer("bf16", 0.1)], "model": []}  # fmt: skip
+    doc = {
+        "mode": "quick",
+        "provenance": {"device_name": "cpu", "threads": 2},
+        "layer": [_fake_layer("bf16", 0.1)],
+        "model": [],
+    }
     report.plot(doc, tmp_path)
     assert titles and all("QUICK MODE" in t for t in titles)
 
@@ -255,7 +294,8 @@ def test_bench_runs_without_triton(tmp_path):
 
     root = str(Path(__file__).resolve().parents[1])  # this tree's lorakernels, installed or not
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=600, env=env)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "ours/base" in res.stdout

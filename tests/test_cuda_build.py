@@ -40,8 +40,13 @@ pytestmark = pytest.mark.skipif(
 
 ARCHS = ["80", "90"]
 SHRINK = ["lk_shrink_f32", "lk_shrink_f16", "lk_shrink_bf16"]
-EXPAND = ["lk_expand_f32_f32", "lk_expand_f16_f16", "lk_expand_f16_f32",
-          "lk_expand_bf16_bf16", "lk_expand_bf16_f32"]  # fmt: skip
+EXPAND = [
+    "lk_expand_f32_f32",
+    "lk_expand_f16_f16",
+    "lk_expand_f16_f32",
+    "lk_expand_bf16_bf16",
+    "lk_expand_bf16_f32",
+]
 KERNELS = SHRINK + EXPAND
 
 
@@ -53,7 +58,7 @@ def _builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future]:
     futures = {
         "library": pool.submit(
             build.build_library, ",".join(ARCHS), tmp_path_factory.mktemp("lkcuda"), NVCC
-        ),  # fmt: skip
+        ),
         "emulator": pool.submit(build.build_emulator, tmp_path_factory.mktemp("lkemu"), NVCC),
         "emulated_lib": pool.submit(
             build.build_emulated_library, tmp_path_factory.mktemp("lkemulib"), NVCC
@@ -84,8 +89,9 @@ def test_resources_no_spills_zero_stack(built) -> None:
 def test_sass_tensor_cores(built) -> None:
     cuobjdump = build.find_tool("cuobjdump", NVCC)
     if cuobjdump is None or build.find_tool("nvdisasm", NVCC) is None:
-        pytest.skip("cuobjdump/nvdisasm not found (pip install nvidia-cuda-cuobjdump "
-                    "nvidia-cuda-nvdisasm)")  # fmt: skip
+        pytest.skip(
+            "cuobjdump/nvdisasm not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+        )
     sass = build.sass_by_kernel(built.library, cuobjdump)
     print()
     for arch in ARCHS:
@@ -175,8 +181,9 @@ def test_launch_without_gpu_is_an_error_not_a_crash(native) -> None:
     print(f"\nno-GPU launch error: {exc.value}")
     y = torch.randn(8, 16)
     with pytest.raises(RuntimeError, match="sgmv_expand failed \\(CUDA error\\)"):
-        cuda._launch_expand(lib, y, y.bfloat16(), t, x[:4], idx, torch.ones(1), torch.ones(1),
-                            8, 1, 4, 0)  # fmt: skip
+        cuda._launch_expand(
+            lib, y, y.bfloat16(), t, x[:4], idx, torch.ones(1), torch.ones(1), 8, 1, 4, 0
+        )
 
 
 def test_ops_exist_without_library(tmp_path: Path) -> None:
@@ -200,8 +207,9 @@ assert y.shape == (10, 40) and y.dtype == torch.float16, y
 print("ok")
 """
     env = dict(os.environ, LORAKERNELS_CUDA_LIB=str(tmp_path / "absent.so"))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, cwd=ROOT, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=False
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
@@ -224,8 +232,9 @@ _TORCH = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 _EPS = {0: 2.0**-22, 1: 2.0**-10, 2: 2.0**-7}  # output rounding allowance per dtype code
 
 
-def _strided(rows: int, cols: int, ld: int, dtype: torch.dtype, gen: torch.Generator,
-             scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _strided(
+    rows: int, cols: int, ld: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A [rows, cols] view with leading stride ld, and the exact flat storage behind it
     ((rows-1)*ld + cols elements, so any overrun is outside the allocation)."""
     n = (rows - 1) * ld + cols
@@ -269,14 +278,33 @@ def _case(code: int, y_in_f32: bool, aligned: bool, seed: int) -> dict:
         "slot_scale": (torch.rand(len(ranks), generator=gen) + 0.25).float(),
         "entry_weight": torch.tensor([w for m in mixtures for _, w in m] + [9.0, 9.0]),
     }
-    meta = dict(dtype=code, y_in_f32=int(y_in_f32), K=K, N=N, S=len(rows), L=len(ranks), R=R,
-                t_numel=(M - 1) * ld["ldt"] + width, y_out_numel=(M - 1) * ld["ldyo"] + N,
-                **cap, **ld)  # fmt: skip
+    meta = dict(
+        dtype=code,
+        y_in_f32=int(y_in_f32),
+        K=K,
+        N=N,
+        S=len(rows),
+        L=len(ranks),
+        R=R,
+        t_numel=(M - 1) * ld["ldt"] + width,
+        y_out_numel=(M - 1) * ld["ldyo"] + N,
+        **cap,
+        **ld,
+    )
     return {
-        "meta": meta, "idx": idx, "floats": floats, "x": x, "a": a, "bt": bt, "y_in": y_in,
+        "meta": meta,
+        "idx": idx,
+        "floats": floats,
+        "x": x,
+        "a": a,
+        "bt": bt,
+        "y_in": y_in,
         "flat": {"x": x_flat, "lora_a": a_flat, "lora_bt": bt_flat, "y_in": y_flat},
-        "rows": rows, "mixtures": mixtures, "starts": starts, "ranks": ranks,
-    }  # fmt: skip
+        "rows": rows,
+        "mixtures": mixtures,
+        "starts": starts,
+        "ranks": ranks,
+    }
 
 
 def _reference(c: dict, y_in: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -317,8 +345,9 @@ def _check_t(c: dict, t_out: torch.Tensor, t_ref: dict, unwritten: str) -> None:
     assert ok, "the shrink wrote outside its entries' rank columns"
 
 
-def _check_y(code: int, y_out: torch.Tensor, y_ref: torch.Tensor, y_base: torch.Tensor,
-             roundings: int = 1) -> None:  # fmt: skip
+def _check_y(
+    code: int, y_out: torch.Tensor, y_ref: torch.Tensor, y_base: torch.Tensor, roundings: int = 1
+) -> None:
     """Every row written; error within the output dtype's rounding (+ fp32 accumulation); and
     the LoRA term really present (a kernel that skipped it would fail)."""
     y = y_out.double()
@@ -345,16 +374,18 @@ def _raw(v: torch.Tensor) -> bytes:
 
 @_LAYOUTS
 @_DTYPE_CASES
-def test_emulated_kernels_match_reference(emulator, tmp_path: Path, code: int, y_in_f32: bool,
-                                          aligned: bool) -> None:  # fmt: skip
+def test_emulated_kernels_match_reference(
+    emulator, tmp_path: Path, code: int, y_in_f32: bool, aligned: bool
+) -> None:
     """Kernel bodies on the host under ASan, fed exactly-sized buffers through the C ABI."""
     c = _case(code, y_in_f32, aligned, seed=1000 + 10 * code + int(aligned))
     m = c["meta"]
     (tmp_path / "meta.txt").write_text("".join(f"{k} {v}\n" for k, v in m.items()))
     for name, arr in {**c["flat"], **c["idx"], **c["floats"]}.items():
         (tmp_path / f"{name}.bin").write_bytes(_raw(arr))
-    proc = subprocess.run([str(emulator), str(tmp_path)], capture_output=True, text=True,
-                          check=False, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [str(emulator), str(tmp_path)], capture_output=True, text=True, check=False, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     M = sum(c["rows"])
     t_flat = torch.from_numpy(np.fromfile(tmp_path / "t_out.bin", dtype=np.float32))
@@ -412,8 +443,17 @@ def test_ops_through_ctypes(emulated_ops, monkeypatch, code: int, aligned: bool)
     t = cuda.lora_shrink(c["x"], lora)
     t_ref, y_ref = _reference(c, c["y_in"])
     _check_t(c, t, t_ref, unwritten="zero")  # the contract: zeros past the ranks
-    args = (t, c["bt"], idx["slot_start"], idx["slot_rank"], fl["slot_scale"], idx["row_ptr"],
-            idx["entry_ptr"], idx["entry_slot"], fl["entry_weight"])  # fmt: skip
+    args = (
+        t,
+        c["bt"],
+        idx["slot_start"],
+        idx["slot_rank"],
+        fl["slot_scale"],
+        idx["row_ptr"],
+        idx["entry_ptr"],
+        idx["entry_slot"],
+        fl["entry_weight"],
+    )
     caps = (meta.max_rows, meta.max_entries, meta.max_rank)
     y = torch.ops.lorakernels.sgmv_expand(c["y_in"], *args, *caps)  # fp32 in, one rounding
     assert y.dtype == _TORCH[code]
@@ -463,12 +503,27 @@ def test_opcheck(emulated_ops, monkeypatch) -> None:
     idx, fl, meta = c["idx"], c["floats"], _launch_meta(c)
     caps = (meta.max_rows, meta.max_entries, meta.max_rank)
     x, a, bt = c["x"].contiguous(), c["a"].contiguous(), c["bt"].contiguous()
-    index = (idx["slot_start"], idx["slot_rank"], idx["row_ptr"], idx["entry_ptr"],
-             idx["entry_slot"])  # fmt: skip
+    index = (
+        idx["slot_start"],
+        idx["slot_rank"],
+        idx["row_ptr"],
+        idx["entry_ptr"],
+        idx["entry_slot"],
+    )
     torch.library.opcheck(torch.ops.lorakernels.sgmv_shrink.default, (x, a, *index, *caps))
     t = torch.ops.lorakernels.sgmv_shrink(x, a, *index, *caps)
-    rest = (t, bt, idx["slot_start"], idx["slot_rank"], fl["slot_scale"], idx["row_ptr"],
-            idx["entry_ptr"], idx["entry_slot"], fl["entry_weight"], *caps)  # fmt: skip
+    rest = (
+        t,
+        bt,
+        idx["slot_start"],
+        idx["slot_rank"],
+        fl["slot_scale"],
+        idx["row_ptr"],
+        idx["entry_ptr"],
+        idx["entry_slot"],
+        fl["entry_weight"],
+        *caps,
+    )
     y = c["y_in"].contiguous()
     torch.library.opcheck(torch.ops.lorakernels.sgmv_expand.default, (y, *rest))
     torch.library.opcheck(torch.ops.lorakernels.sgmv_expand_.default, (y.half(), *rest))
@@ -484,11 +539,14 @@ def test_arrays_reinterpreted_as_vectors_are_16_byte_aligned() -> None:
     for path in sorted((ROOT / "csrc" / "cuda").glob("*.cuh")):
         text = path.read_text()
         for call in re.finditer(r"copy_bytes<[^;]*?>\((.*?)\);", text, flags=re.DOTALL):
-            heads = [re.match(r"\s*(?:reinterpret_cast<[^>]*>\()?&?\s*([a-z_]\w*)", arg)
-                     for arg in call.group(1).split(",")]  # fmt: skip
+            heads = [
+                re.match(r"\s*(?:reinterpret_cast<[^>]*>\()?&?\s*([a-z_]\w*)", arg)
+                for arg in call.group(1).split(",")
+            ]
             for name in {h.group(1) for h in heads if h}:
-                decl = re.search(rf"^\s*(alignas\(16\)\s+)?\w+ {name}\[[\w *()]+\];", text,
-                                 flags=re.MULTILINE)  # fmt: skip
+                decl = re.search(
+                    rf"^\s*(alignas\(16\)\s+)?\w+ {name}\[[\w *()]+\];", text, flags=re.MULTILINE
+                )
                 if decl is None:
                     continue  # a pointer (global or shared memory) or an index, not an array
                 found.add((path.name, name))

@@ -125,10 +125,16 @@ def test_unet_mixed_batch_matches_diffusers(tmp_path, model, spelling, kind):
     with torch.no_grad():
         base = tiny_sd15_unet() if model == "sd15" else tiny_sdxl_unet()
         torch.testing.assert_close(
-            got[1:2], base(x[1:2], 10, ctx[1:2], **{
-                k: {kk: vv[1:2] for kk, vv in v.items()} for k, v in kwargs.items()
-            }).sample, rtol=1e-5, atol=1e-5,
-        )  # fmt: skip
+            got[1:2],
+            base(
+                x[1:2],
+                10,
+                ctx[1:2],
+                **{k: {kk: vv[1:2] for kk, vv in v.items()} for k, v in kwargs.items()},
+            ).sample,
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 # ---------------------------------------------------------------------- pipelines
@@ -151,14 +157,22 @@ def _tiny_sd_pipeline():
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-    )  # fmt: skip
+        block_out_channels=(8,),
+        norm_num_groups=8,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=copy.deepcopy(tiny_clip()), tokenizer=_tokenizer(),
-        unet=copy.deepcopy(tiny_sd15_unet()), scheduler=DDIMScheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=vae.eval(),
+        text_encoder=copy.deepcopy(tiny_clip()),
+        tokenizer=_tokenizer(),
+        unet=copy.deepcopy(tiny_sd15_unet()),
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -170,8 +184,10 @@ def lora_dir(tmp_path_factory):
     for i, name in enumerate(["ink", "cyber", "tarot"]):
         layers = make_layers(
             {"unet": lora_targets(unet, "kohya"), "text_encoder": lora_targets(te, "text")},
-            rank=4, alpha=4.0, seed=100 + i,
-        )  # fmt: skip
+            rank=4,
+            alpha=4.0,
+            seed=100 + i,
+        )
         sd = {k: v * 0.5 for k, v in kohya_state_dict(layers).items()}
         meta = {"ss_output_name": f"{name}_v1"}
         save(folder / f"{name}.safetensors", sd, meta)
@@ -180,9 +196,15 @@ def lora_dir(tmp_path_factory):
 
 def _run(pipe, prompts, latents, **kw):
     return generate(
-        pipe, prompts, latents=latents, num_inference_steps=2, output_type="latent",
-        height=8, width=8, **kw,
-    ).images  # fmt: skip
+        pipe,
+        prompts,
+        latents=latents,
+        num_inference_steps=2,
+        output_type="latent",
+        height=8,
+        width=8,
+        **kw,
+    ).images
 
 
 def test_generate_per_prompt_loras_in_one_batch_equals_single_runs(lora_dir):
@@ -275,22 +297,36 @@ def _tiny_sdxl_pipeline():
     # the two encoders' hidden states are concatenated: 16 + 16 = the UNet's 32
     te1, te2 = tiny_clip(hidden=16), tiny_clip(projection=True, hidden=16)
     unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 4),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=4 * 6 + 16,
-    ).eval()  # fmt: skip
+    ).eval()
     vae = AutoencoderKL(
-        block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-    )  # fmt: skip
+        block_out_channels=(8,),
+        norm_num_groups=8,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
     pipe = StableDiffusionXLPipeline(
-        vae=vae.eval(), text_encoder=copy.deepcopy(te1), text_encoder_2=copy.deepcopy(te2),
-        tokenizer=_tokenizer(), tokenizer_2=_tokenizer(), unet=unet,
+        vae=vae.eval(),
+        text_encoder=copy.deepcopy(te1),
+        text_encoder_2=copy.deepcopy(te2),
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(),
+        unet=unet,
         scheduler=EulerDiscreteScheduler(),
-    )  # fmt: skip
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -305,8 +341,10 @@ def test_sdxl_generate_with_both_text_encoders(tmp_path):
             "text_encoder": lora_targets(pipe.text_encoder, "text"),
             "text_encoder_2": lora_targets(pipe.text_encoder_2, "text"),
         },
-        rank=4, alpha=2.0, seed=7,
-    )  # fmt: skip
+        rank=4,
+        alpha=2.0,
+        seed=7,
+    )
     sd = {k: v * 0.5 for k, v in kohya_state_dict(layers, SDXL_KOHYA_PREFIX, pipe.unet).items()}
     save(tmp_path / "xl_style.safetensors", sd)
     lora = patch(pipe)

@@ -21,9 +21,12 @@ from lorakernels.formats import LoRAFormatError, load_lora
 from lorakernels.integrations.diffusers import DiffusersLoRA
 
 SD15 = dict(
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-    attention_head_dim=8, sample_size=64,
-)  # fmt: skip
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    sample_size=64,
+)
 SD2 = dict(SD15, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20))
 SD2["use_linear_projection"] = True
 FILES = {  # file -> the UNet config it was trained for (the "bf16" file is an SD2 LoRA)

@@ -33,18 +33,28 @@ GUIDANCE = 7.5
 # (prompt with tags, text without tags, negative prompt, {name: te}, {name: unet})
 SD_CASES = [
     ("<lora:ink:0.8> a cat", "a cat", "blurry", {"ink": 0.8}, {"ink": 0.8}),
-    ("<lora:cyber:1> <lora:tarot:-0.5> a city", "a city", "", {"cyber": 1.0, "tarot": -0.5},
-     {"cyber": 1.0, "tarot": -0.5}),
+    (
+        "<lora:cyber:1> <lora:tarot:-0.5> a city",
+        "a city",
+        "",
+        {"cyber": 1.0, "tarot": -0.5},
+        {"cyber": 1.0, "tarot": -0.5},
+    ),
     ("<lora:tarot:0.3:1.2> a fox", "a fox", "dark", {"tarot": 0.3}, {"tarot": 1.2}),
     ("<lora:ink:1:0> a dog", "a dog", "ugly", {"ink": 1.0}, {}),  # text encoder only
     ("a tree", "a tree", "noise", {}, {}),
-]  # fmt: skip
+]
 SDXL_CASES = [
     ("<lora:ink:0.2:1> a cat", "a cat", "blurry", {"ink": 0.2}, {"ink": 1.0}),
     ("<lora:cyber:1:0> a dog", "a dog", "", {"cyber": 1.0}, {}),  # text encoders only
-    ("<lora:ink:-0.6> <lora:cyber:0.5> a fox", "a fox", "dark", {"ink": -0.6, "cyber": 0.5},
-     {"ink": -0.6, "cyber": 0.5}),
-]  # fmt: skip
+    (
+        "<lora:ink:-0.6> <lora:cyber:0.5> a fox",
+        "a fox",
+        "dark",
+        {"ink": -0.6, "cyber": 0.5},
+        {"ink": -0.6, "cyber": 0.5},
+    ),
+]
 MODELS = {
     "sd15": (tiny_sd_pipeline, ("text_encoder",), SD_CASES, 2),
     "sdxl": (tiny_sdxl_pipeline, ("text_encoder", "text_encoder_2"), SDXL_CASES, 1),
@@ -121,10 +131,16 @@ def _oracle(pristine, encoders, case, factors, latents, n_img, uncond_lora=True)
     pipe = type(pristine)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe(
-        prompt=text, negative_prompt=negative, latents=latents, num_images_per_prompt=n_img,
-        guidance_scale=GUIDANCE, num_inference_steps=STEPS, output_type="latent", height=8,
+        prompt=text,
+        negative_prompt=negative,
+        latents=latents,
+        num_images_per_prompt=n_img,
+        guidance_scale=GUIDANCE,
+        num_inference_steps=STEPS,
+        output_type="latent",
+        height=8,
         width=8,
-    ).images  # fmt: skip
+    ).images
 
 
 class Oracle:
@@ -161,11 +177,18 @@ def test_generate_matches_per_prompt_merged_diffusers(tmp_path, model):
     oracle = Oracle(pristine, encoders, factors, latents, n_img)
     for uncond_lora in (True, False):
         got = generate(
-            pipe, [c[0] for c in cases], negative_prompt=[c[2] for c in cases],
-            uncond_lora=uncond_lora, latents=latents, num_images_per_prompt=n_img,
-            guidance_scale=GUIDANCE, num_inference_steps=STEPS, output_type="latent", height=8,
+            pipe,
+            [c[0] for c in cases],
+            negative_prompt=[c[2] for c in cases],
+            uncond_lora=uncond_lora,
+            latents=latents,
+            num_images_per_prompt=n_img,
+            guidance_scale=GUIDANCE,
+            num_inference_steps=STEPS,
+            output_type="latent",
+            height=8,
             width=8,
-        ).images  # fmt: skip
+        ).images
         atol = 2e-5 * float(got.abs().max())  # Euler latents are scaled by sigma (~15)
         for i, case in enumerate(cases):
             want = oracle(i, case, uncond_lora=uncond_lora)

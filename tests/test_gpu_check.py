@@ -18,15 +18,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "lorakernels", "gpu-check", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "lorakernels", "gpu-check", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_budgets_fit_eight_minutes():
     assert sum(s.budget_s for s in gpu_check.STAGES) < gpu_check.TOTAL_BUDGET_S <= 480
     assert [s.name for s in gpu_check.STAGES] == [
-        "environment", "correctness", "speed-layer", "speed-unet"
-    ]  # fmt: skip
+        "environment",
+        "correctness",
+        "speed-layer",
+        "speed-unet",
+    ]
 
 
 def test_dry_run_prints_stages_and_budgets():
@@ -57,14 +66,31 @@ def test_layer_workloads_cover_sd15_and_sdxl_in_both_dtypes():
 
 def test_report_renders_failures_and_tables():
     records = [
-        {"stage": "environment", "budget_s": 30, "wall_s": 2.0, "status": "ok",
-         "result": {"device": "NVIDIA H200", "capability": "9.0", "torch": "2.x"}},
-        {"stage": "correctness", "budget_s": 270, "wall_s": 200.0, "status": "failed (exit 1)",
-         "summary": "1 failed, 90 passed", "failures": ["FAILED tests/x.py::t - boom"],
-         "skips": [], "tail": "boom"},
-        {"stage": "speed-layer", "budget_s": 120, "wall_s": 80.0, "status": "ok",
-         "result": {"table": "ROW ours/base 1.05"}},
-    ]  # fmt: skip
+        {
+            "stage": "environment",
+            "budget_s": 30,
+            "wall_s": 2.0,
+            "status": "ok",
+            "result": {"device": "NVIDIA H200", "capability": "9.0", "torch": "2.x"},
+        },
+        {
+            "stage": "correctness",
+            "budget_s": 270,
+            "wall_s": 200.0,
+            "status": "failed (exit 1)",
+            "summary": "1 failed, 90 passed",
+            "failures": ["FAILED tests/x.py::t - boom"],
+            "skips": [],
+            "tail": "boom",
+        },
+        {
+            "stage": "speed-layer",
+            "budget_s": 120,
+            "wall_s": 80.0,
+            "status": "ok",
+            "result": {"table": "ROW ours/base 1.05"},
+        },
+    ]
     md = gpu_check._markdown(records, 282.0)
     assert "NVIDIA H200" in md and "FAILED tests/x.py::t - boom" in md
     assert "ROW ours/base 1.05" in md and "| correctness | 270 | 200.0 | failed (exit 1)" in md

@@ -32,7 +32,7 @@ pytestmark = [
     pytest.mark.skipif(
         build.find_nvcc() is None and not build.nvcc_candidates(),
         reason="nvcc not found: the csrc kernels cannot be built here",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -67,18 +67,28 @@ def test_library_is_available_and_reports_its_toolkit(library):
     assert present and "built by nvcc" in why and "WARNING" not in why, why
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
-                         ids=["float16", "bfloat16", "float32"])  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["float16", "bfloat16", "float32"]
+)
 @pytest.mark.parametrize("shape", [(256, 320, 320), (77, 768, 640), (33, 127, 33)])
 def test_cuda_backend_matches_reference(library, dtype, shape):
     rows, k, n = shape
     problem = testing.random_problem(
-        samples=5, rows=[rows, 0, rows, 7, rows], K=k, N=n,
-        ranks=[r for r in (1, 8, 16, 37, 128) if r <= min(k, n)], popularity="zipf",
-        mixture_size=3, frac_empty=0.2, dtype=dtype, seed=k + n, device="cuda",
-    )  # fmt: skip
-    y = ops.multi_lora_linear(problem.x, problem.weight, problem.bias, problem.bank,
-                              problem.batch, backend="cuda")  # fmt: skip
+        samples=5,
+        rows=[rows, 0, rows, 7, rows],
+        K=k,
+        N=n,
+        ranks=[r for r in (1, 8, 16, 37, 128) if r <= min(k, n)],
+        popularity="zipf",
+        mixture_size=3,
+        frac_empty=0.2,
+        dtype=dtype,
+        seed=k + n,
+        device="cuda",
+    )
+    y = ops.multi_lora_linear(
+        problem.x, problem.weight, problem.bias, problem.bank, problem.batch, backend="cuda"
+    )
     oracle = testing.peft_style_oracle(problem)
     tol = testing.tolerance(problem, oracle, factor=2.0)
     assert bool(torch.isfinite(y).all())
@@ -90,8 +100,16 @@ def test_triton_and_cuda_skip_invalid_entries_alike(library, broken):
     from lorakernels.kernels import cuda as cuda_backend
     from lorakernels.kernels import triton as triton_backend
 
-    problem = testing.random_problem(samples=3, rows=40, K=64, N=48, ranks=[4, 16, 8],
-                                     dtype=torch.float16, seed=11, device="cuda")  # fmt: skip
+    problem = testing.random_problem(
+        samples=3,
+        rows=40,
+        K=64,
+        N=48,
+        ranks=[4, 16, 8],
+        dtype=torch.float16,
+        seed=11,
+        device="cuda",
+    )
     bank, batch = problem.bank, problem.batch
     entry_slot = batch.entry_slot.clone()
     meta = LaunchMeta(40, batch.max_entries, bank.max_rank)
@@ -100,9 +118,21 @@ def test_triton_and_cuda_skip_invalid_entries_alike(library, broken):
     else:
         meta = LaunchMeta(40, batch.max_entries, 8)  # the rank-16 adapter is over capacity
     row_ptr, _ = batch.rows_for(problem.x.shape[0])
-    args = (problem.x, problem.weight, problem.bias, bank.lora_a, bank.lora_bt,
-            bank.slot_start, bank.slot_rank, bank.slot_scale, row_ptr, batch.entry_ptr,
-            entry_slot, batch.entry_weight, meta)  # fmt: skip
+    args = (
+        problem.x,
+        problem.weight,
+        problem.bias,
+        bank.lora_a,
+        bank.lora_bt,
+        bank.slot_start,
+        bank.slot_rank,
+        bank.slot_scale,
+        row_ptr,
+        batch.entry_ptr,
+        entry_slot,
+        batch.entry_weight,
+        meta,
+    )
     y_triton = triton_backend.multi_lora_linear(*args)
     y_cuda = cuda_backend.multi_lora_linear(*args)
     torch.cuda.synchronize()

@@ -119,12 +119,20 @@ def test_compiled_unet_changes_mixtures_without_recompiling():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-        cross_attention_dim=64, attention_head_dim=(2, 4),
-    ).to("cuda", torch.float16).eval()  # fmt: skip
+    unet = (
+        UNet2DConditionModel(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+            cross_attention_dim=64,
+            attention_head_dim=(2, 4),
+        )
+        .to("cuda", torch.float16)
+        .eval()
+    )
     mlora = MultiLoRA(unet, targets="*attn*.to_*")
     gen = torch.Generator().manual_seed(2)
     for i in range(3):

@@ -60,9 +60,16 @@ def _case_for(dtype: torch.dtype, block_r: int, multi: bool, k: int, n: int, see
         mixtures = [[(0, 1.0), (2, -0.5)], [(1, 0.7)], [(3, 0.0), (0, 1.0)], []]
     rows = [150, 0, 77, 5] if ON_GPU else [40, 0, 21, 5]
     return make_case(
-        dtype, rows, k, n, ranks, mixtures, seed=seed, max_entries=max_entries,
+        dtype,
+        rows,
+        k,
+        n,
+        ranks,
+        mixtures,
+        seed=seed,
+        max_entries=max_entries,
         max_rank=max(ranks),
-    )  # fmt: skip
+    )
 
 
 @contextlib.contextmanager
@@ -126,23 +133,37 @@ SHAPES = {
     "sd15_ff": (64, 1280, 5120),
     "odd": (33, 127, 33),
 }
-SMALL = {"sd15_to_q_64": (40, 64, 64), "sd15_text_to_k": (77, 96, 48),
-         "sdxl_text_to_v": (7, 128, 80), "sd15_ff": (9, 64, 128), "odd": (13, 33, 127)}  # fmt: skip
+SMALL = {
+    "sd15_to_q_64": (40, 64, 64),
+    "sd15_text_to_k": (77, 96, 48),
+    "sdxl_text_to_v": (7, 128, 80),
+    "sd15_ff": (9, 64, 128),
+    "odd": (13, 33, 127),
+}
 
 
 def _problem(shape: str, dtype: torch.dtype, seed: int):
     rows, k, n = (SHAPES if ON_GPU else SMALL)[shape]
     return testing.random_problem(
-        samples=6, rows=[rows, 0, rows // 2 + 1, rows, 3, rows], K=k, N=n,
-        ranks=[r for r in (1, 8, 16, 37, 128) if r <= min(k, n)], popularity="zipf",
-        mixture_size=3, frac_empty=0.2, dtype=dtype, seed=seed, device=DEVICE,
-    )  # fmt: skip
+        samples=6,
+        rows=[rows, 0, rows // 2 + 1, rows, 3, rows],
+        K=k,
+        N=n,
+        ranks=[r for r in (1, 8, 16, 37, 128) if r <= min(k, n)],
+        popularity="zipf",
+        mixture_size=3,
+        frac_empty=0.2,
+        dtype=dtype,
+        seed=seed,
+        device=DEVICE,
+    )
 
 
 def _check_ops(problem, x=None) -> None:
     x = problem.x if x is None else x
-    y = ops.multi_lora_linear(x, problem.weight, problem.bias, problem.bank, problem.batch,
-                              backend="triton")  # fmt: skip
+    y = ops.multi_lora_linear(
+        x, problem.weight, problem.bias, problem.bank, problem.batch, backend="triton"
+    )
     oracle = testing.peft_style_oracle(problem)
     assert y.dtype == problem.x.dtype and bool(torch.isfinite(y).all())
     tol = testing.tolerance(problem, oracle, factor=2.0)
@@ -154,8 +175,9 @@ def _check_ops(problem, x=None) -> None:
     assert (oracle - base).abs().max().item() > 2 * tol  # the LoRA term is visible
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
-                         ids=["float16", "bfloat16", "float32"])  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["float16", "bfloat16", "float32"]
+)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_dispatcher_choice_through_ops(shape, dtype):
     with _tf32(False):
@@ -186,8 +208,9 @@ def test_fp32_follows_tf32_switch():
     problem = _problem("sd15_text_to_k", torch.float32, seed=5)
     oracle = testing.peft_style_oracle(problem)
     with _tf32(True):
-        y = ops.multi_lora_linear(problem.x, problem.weight, problem.bias, problem.bank,
-                                  problem.batch, backend="triton")  # fmt: skip
+        y = ops.multi_lora_linear(
+            problem.x, problem.weight, problem.bias, problem.bank, problem.batch, backend="triton"
+        )
         tol = testing.tolerance(problem, oracle, factor=2.0)  # plain torch with TF32 on
     err = (y.double().cpu() - oracle).abs().max().item()
     assert err <= tol, (err, tol)
@@ -198,11 +221,13 @@ def test_fp32_follows_tf32_switch():
     reason="needs two CUDA devices (Triton launches on the current device otherwise)",
 )
 def test_launch_runs_on_the_tensors_device_not_the_current_one():
-    problem = testing.random_problem(samples=3, rows=40, K=64, N=48, ranks=[4, 16],
-                                     dtype=torch.float16, seed=9, device="cuda:1")  # fmt: skip
+    problem = testing.random_problem(
+        samples=3, rows=40, K=64, N=48, ranks=[4, 16], dtype=torch.float16, seed=9, device="cuda:1"
+    )
     with torch.cuda.device(0):
-        y = ops.multi_lora_linear(problem.x, problem.weight, problem.bias, problem.bank,
-                                  problem.batch, backend="triton")  # fmt: skip
+        y = ops.multi_lora_linear(
+            problem.x, problem.weight, problem.bias, problem.bank, problem.batch, backend="triton"
+        )
     torch.cuda.synchronize(1)
     oracle = testing.peft_style_oracle(problem)
     assert (y.double().cpu() - oracle).abs().max().item() <= testing.tolerance(problem, oracle)
@@ -228,11 +253,23 @@ def test_segmented_kernel_merged_and_unmerged_in_one_launch(dtype):
     g = to_device(a)
     with _tf32(False):
         job = launch.plan_fused_segmented(
-            g["x"], g["weight"], merged.to(DEVICE), seg_weight.to(DEVICE), seg_lora.to(DEVICE),
-            g["bias"], g["lora_a"], g["lora_bt"], g["slot_start"], g["slot_rank"],
-            g["slot_scale"], g["row_ptr"], g["entry_ptr"], g["entry_slot"], g["entry_weight"],
+            g["x"],
+            g["weight"],
+            merged.to(DEVICE),
+            seg_weight.to(DEVICE),
+            seg_lora.to(DEVICE),
+            g["bias"],
+            g["lora_a"],
+            g["lora_bt"],
+            g["slot_start"],
+            g["slot_rank"],
+            g["slot_scale"],
+            g["row_ptr"],
+            g["entry_ptr"],
+            g["entry_slot"],
+            g["entry_weight"],
             case.meta,
-        )  # fmt: skip
+        )
         job.out.fill_(float("nan"))
         out = job().cpu()
     from test_triton_interpret import reference64

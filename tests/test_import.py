@@ -22,8 +22,10 @@ BLOCK = textwrap.dedent(
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", BLOCK + textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_import_and_cpu_op_without_optional_packages():

@@ -281,8 +281,21 @@ def test_custom_op_opcheck():
     p = random_problem(samples=3, rows=4, K=16, N=12, ranks=[4, 2], seed=4)
     ptr, per = p.batch.rows_for(p.x.shape[0])
     args = (
-        p.x, p.weight, p.bias, p.bank.lora_a, p.bank.lora_bt, p.bank.slot_start, p.bank.slot_rank,
-        p.bank.slot_scale, ptr, p.batch.entry_ptr, p.batch.entry_slot, p.batch.entry_weight,
-        per, p.batch.max_entries, p.bank.max_rank, "cpu",
-    )  # fmt: skip
+        p.x,
+        p.weight,
+        p.bias,
+        p.bank.lora_a,
+        p.bank.lora_bt,
+        p.bank.slot_start,
+        p.bank.slot_rank,
+        p.bank.slot_scale,
+        ptr,
+        p.batch.entry_ptr,
+        p.batch.entry_slot,
+        p.batch.entry_weight,
+        per,
+        p.batch.max_entries,
+        p.bank.max_rank,
+        "cpu",
+    )
     torch.library.opcheck(torch.ops.lorakernels.multi_lora_linear.default, args)

@@ -75,9 +75,15 @@ def test_shapes_and_dtypes(backend, dtype, K, N):
 def test_popularity_ranks_mixtures(backend, popularity, ranks, mixture_size):
     seed = stable_seed(popularity, tuple(ranks), mixture_size)
     p = random_problem(
-        samples=9, rows=7, K=160, N=130, ranks=ranks, popularity=popularity,
-        mixture_size=mixture_size, seed=seed,
-    )  # fmt: skip
+        samples=9,
+        rows=7,
+        K=160,
+        N=130,
+        ranks=ranks,
+        popularity=popularity,
+        mixture_size=mixture_size,
+        seed=seed,
+    )
     _check(p, backend)
 
 
@@ -113,9 +119,16 @@ def test_non_contiguous_and_3d_input(backend):
 def test_float64_reference_matches_oracle_tightly():
     """The reference in float64 and the per-adapter oracle are two loops of the same maths."""
     p = random_problem(
-        samples=7, rows=9, K=50, N=70, ranks=[3, 9, 27], mixture_size=3, dtype=torch.float64,
-        popularity="zipf", seed=5,
-    )  # fmt: skip
+        samples=7,
+        rows=9,
+        K=50,
+        N=70,
+        ranks=[3, 9, 27],
+        mixture_size=3,
+        dtype=torch.float64,
+        popularity="zipf",
+        seed=5,
+    )
     y = lk.multi_lora_linear(p.x, p.weight, p.bias, p.bank, p.batch, "reference")
     torch.testing.assert_close(y, peft_style_oracle(p), rtol=1e-12, atol=1e-12)
 
@@ -171,9 +184,16 @@ def test_cpu_equals_reference_closely(dtype):
     summation order, so at most one ulp of the output dtype apart (plus fp32 noise)."""
     for popularity, ms in itertools.product(["uniform", "distinct"], [1, 2]):
         p = random_problem(
-            samples=6, rows=5, K=64, N=80, ranks=[4, 16], dtype=dtype, popularity=popularity,
-            mixture_size=ms, seed=9,
-        )  # fmt: skip
+            samples=6,
+            rows=5,
+            K=64,
+            N=80,
+            ranks=[4, 16],
+            dtype=dtype,
+            popularity=popularity,
+            mixture_size=ms,
+            seed=9,
+        )
         a = lk.multi_lora_linear(p.x, p.weight, p.bias, p.bank, p.batch, "reference")
         b = lk.multi_lora_linear(p.x, p.weight, p.bias, p.bank, p.batch, "cpu")
         eps = torch.finfo(dtype).eps

@@ -58,8 +58,12 @@ def _torch_plan(tmp_path: Path, driver: bool) -> str:
     extra = [] if driver else ["HAS_NVIDIA="]
     res = subprocess.run(
         [make, "-n", f"{venv}/.torch", f"VENV={venv}", *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     return res.stdout
 

@@ -27,9 +27,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def fake_calibration(**kw) -> plan.Calibration:
     """Round machine constants (a 2-core AVX-512 CPU's order of magnitude)."""
     fields = dict(
-        key=plan.calibration_key(), gemm_flops={"fp32": 1e11}, thin_flops=2e10,
-        bandwidth=1e10, call_s=5e-6, row_block=0, pack_s={"fp32": 1e-9},
-    )  # fmt: skip
+        key=plan.calibration_key(),
+        gemm_flops={"fp32": 1e11},
+        thin_flops=2e10,
+        bandwidth=1e10,
+        call_s=5e-6,
+        row_block=0,
+        pack_s={"fp32": 1e-9},
+    )
     fields.update(kw)
     return plan.Calibration(**fields)
 
@@ -82,9 +87,17 @@ def plain_torch_merged_error(p, oracle) -> float:
 @pytest.mark.parametrize("popularity", ["distinct", "zipf", "identical"])
 def test_merged_groups_match_oracle(dtype, popularity):
     p = random_problem(
-        samples=6, rows=9, K=40, N=56, ranks=[4, 7, 16], dtype=dtype, popularity=popularity,
-        mixture_size=2, frac_empty=0.2, seed=11,
-    )  # fmt: skip
+        samples=6,
+        rows=9,
+        K=40,
+        N=56,
+        ranks=[4, 7, 16],
+        dtype=dtype,
+        popularity=popularity,
+        mixture_size=2,
+        frac_empty=0.2,
+        seed=11,
+    )
     oracle = peft_style_oracle(p)
     tol = tolerance(p, oracle)
     for _ in range(2):  # build, then from the cache
@@ -102,9 +115,16 @@ def test_native_half_merged_rounds_the_weight_once(dtype):
     name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     plan.set_calibration(fake_calibration(gemm_flops={"fp32": 1e11, name: 1e14}))
     p = random_problem(
-        samples=4, rows=16, K=64, N=48, ranks=[8, 16], dtype=dtype, popularity="distinct",
-        frac_empty=0.0, seed=3,
-    )  # fmt: skip
+        samples=4,
+        rows=16,
+        K=64,
+        N=48,
+        ranks=[8, 16],
+        dtype=dtype,
+        popularity="distinct",
+        frac_empty=0.0,
+        seed=3,
+    )
     oracle = peft_style_oracle(p)
     tol = 4.0 * max(plain_torch_merged_error(p, oracle), tolerance(p, oracle, factor=1.0))
     y = run(p, "merged")
@@ -120,9 +140,17 @@ def test_native_half_merged_rounds_the_weight_once(dtype):
 def test_mixed_merged_and_unmerged_groups(dtype, monkeypatch):
     """Any split of the groups into merged and unmerged gives the oracle's answer."""
     p = random_problem(
-        samples=8, rows=[5, 9, 3, 12, 7, 5, 9, 2], K=48, N=40, ranks=[4, 8, 5], dtype=dtype,
-        popularity="uniform", mixture_size=2, frac_empty=0.25, seed=5,
-    )  # fmt: skip
+        samples=8,
+        rows=[5, 9, 3, 12, 7, 5, 9, 2],
+        K=48,
+        N=40,
+        ranks=[4, 8, 5],
+        dtype=dtype,
+        popularity="uniform",
+        mixture_size=2,
+        frac_empty=0.25,
+        seed=5,
+    )
     oracle = peft_style_oracle(p)
     tol = tolerance(p, oracle)
     real = plan.decide
@@ -144,9 +172,17 @@ def test_mixed_merged_and_unmerged_groups(dtype, monkeypatch):
 def test_rank_intermediate_stays_fp32_when_merged_or_not():
     """bf16 inputs where rounding ``x @ A.T`` (or the merged weight) to bf16 would show."""
     p = random_problem(
-        samples=2, rows=8, K=64, N=32, ranks=[16], dtype=torch.bfloat16, popularity="identical",
-        frac_empty=0.0, seed=8, strengths="one",
-    )  # fmt: skip
+        samples=2,
+        rows=8,
+        K=64,
+        N=32,
+        ranks=[16],
+        dtype=torch.bfloat16,
+        popularity="identical",
+        frac_empty=0.0,
+        seed=8,
+        strengths="one",
+    )
     oracle = peft_style_oracle(p)
     tol = tolerance(p, oracle)
     for mode in ("merged", "unmerged"):
@@ -259,9 +295,16 @@ def bank_oracle(p, mixtures) -> torch.Tensor:
 
 def stale_problem():
     p = random_problem(
-        samples=4, rows=8, K=32, N=24, ranks=[4, 6, 5], popularity="distinct", frac_empty=0.0,
-        strengths="one", seed=12,
-    )  # fmt: skip
+        samples=4,
+        rows=8,
+        K=32,
+        N=24,
+        ranks=[4, 6, 5],
+        popularity="distinct",
+        frac_empty=0.0,
+        strengths="one",
+        seed=12,
+    )
     slots = sorted(p.adapters)
     mixtures = [{slots[0]: 1.0}, {slots[1]: 0.5}, {slots[2]: -0.7}, {slots[0]: 1.0}]
     return p, slots, mixtures, lk.LoRABatch.from_mixtures(mixtures)

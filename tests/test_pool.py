@@ -55,8 +55,10 @@ def test_300_files_bound_8_random_batches_match_oracle(many):
             else:
                 mixtures.append({rng.choice(names): rng.uniform(-1.0, 1.5)})
         # spell some by their ss_output_name alias
-        spelled = [{(k.replace("lora_", "out_") if rng.random() < 0.3 else k): w
-                    for k, w in m.items()} for m in mixtures]  # fmt: skip
+        spelled = [
+            {(k.replace("lora_", "out_") if rng.random() < 0.3 else k): w for k, w in m.items()}
+            for m in mixtures
+        ]
         x = _x(4, step)
         with mgr.use(spelled):
             got = model(x)
@@ -113,8 +115,9 @@ def test_fragmented_rows_are_compacted_in_place():
     factors = {}
     for i, r in enumerate([3, 3, 3, 4]):
         g = torch.Generator().manual_seed(i)
-        factors[f"a{i}"] = {path: (torch.randn(r, 16, generator=g),
-                                   torch.randn(n_out, r, generator=g), None)}  # fmt: skip
+        factors[f"a{i}"] = {
+            path: (torch.randn(r, 16, generator=g), torch.randn(n_out, r, generator=g), None)
+        }
         lib.add(f"a{i}", {"model": factors[f"a{i}"]})
     mgr = MultiLoRA(model, targets=["*attn.*"], library=lib, resident_bytes=10 * per_row)
     bank = mgr.layers[path].lora_bank

@@ -37,9 +37,14 @@ def cluster(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(
-        str(model), [str(loras)], model_name="demo", replicas=2, replica_cpus=1,
-        server_kwargs={"max_batch_rows": 8, "max_size": 256}, drain_timeout=10,
-    )  # fmt: skip
+        str(model),
+        [str(loras)],
+        model_name="demo",
+        replicas=2,
+        replica_cpus=1,
+        server_kwargs={"max_batch_rows": 8, "max_size": 256},
+        drain_timeout=10,
+    )
     serve.run(app, name="lk", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     yield url
@@ -113,18 +118,16 @@ def test_a1111_api_on_two_replicas(cluster):
 def _replica_actors():
     from ray.util import list_named_actors
 
-    return [
-        a["name"] for a in list_named_actors(all_namespaces=True)
-        if "LoRAReplica" in a["name"]
-    ]  # fmt: skip
+    return [a["name"] for a in list_named_actors(all_namespaces=True) if "LoRAReplica" in a["name"]]
 
 
 def test_killed_replica_loses_no_request(cluster):
     url = cluster
     names = ["ink", "cyber", "tarot", "pastel"]
     # 30 steps: several seconds of work per replica, so the kill at 1.5 s lands mid-load
-    bodies = [_body(prompt=f"<lora:{names[i % 4]}:1> a cat", seed=100 + i, steps=30)
-              for i in range(12)]  # fmt: skip
+    bodies = [
+        _body(prompt=f"<lora:{names[i % 4]}:1> a cat", seed=100 + i, steps=30) for i in range(12)
+    ]
     results: list = []
     killer_done = threading.Event()
 
@@ -153,9 +156,12 @@ def test_killed_replica_loses_no_request(cluster):
         for k in ("requests", "retried", "failed")
         if line.startswith(f"lorakernels_ray_{k}_total ")
     }
-    print(f"\nreplica kill: sent {len(bodies)}, answered 200: {len(ok)}, "
-          f"errors: {len(bodies) - len(ok)}, ingress counters: {counts}")  # fmt: skip
-    replica_failed = [r for r in results if r.status_code == 503 and
-                      r.json().get("error") == "ReplicaFailed"]  # fmt: skip
+    print(
+        f"\nreplica kill: sent {len(bodies)}, answered 200: {len(ok)}, "
+        f"errors: {len(bodies) - len(ok)}, ingress counters: {counts}"
+    )
+    replica_failed = [
+        r for r in results if r.status_code == 503 and r.json().get("error") == "ReplicaFailed"
+    ]
     assert counts["failed"] == len(replica_failed)
     assert counts["retried"] >= 1  # the kill did hit requests in flight

@@ -81,13 +81,27 @@ def standins() -> dict:
 
     return {
         # manager example: a model with blocks.0.attn2.to_*, 3 samples of 5 rows
-        "model": TinyModel(d), "x_manager": rand(3, t, d),
-        "A_ink": rand(4, d), "B_ink": rand(d, 4), "A_cyber": rand(8, d), "B_cyber": rand(d, 8),
+        "model": TinyModel(d),
+        "x_manager": rand(3, t, d),
+        "A_ink": rand(4, d),
+        "B_ink": rand(d, 4),
+        "A_cyber": rand(8, d),
+        "B_cyber": rand(d, 8),
         # functional op: one layer K -> N, two adapters of ranks 4 and 16, 3 samples x 5 rows
-        "K": k, "N": n, "W": rand(n, k), "b": rand(n), "x_op": rand(3 * t, k),
-        "A0": rand(4, k), "B0": rand(n, 4), "alpha0": 4.0, "r0": 4,
-        "A1": rand(16, k), "B1": rand(n, 16), "alpha1": 8.0, "r1": 16,
-    }  # fmt: skip
+        "K": k,
+        "N": n,
+        "W": rand(n, k),
+        "b": rand(n),
+        "x_op": rand(3 * t, k),
+        "A0": rand(4, k),
+        "B0": rand(n, 4),
+        "alpha0": 4.0,
+        "r0": 4,
+        "A1": rand(16, k),
+        "B1": rand(n, 16),
+        "alpha1": 8.0,
+        "r1": 16,
+    }
 
 
 def _x_for(code: str, names: dict) -> torch.Tensor | None:
@@ -124,8 +138,12 @@ def _check_library(ns: dict) -> None:
     assert "tarot" in st["resident"]  # pinned: resident whatever the prompts used
 
 
-POSTCONDITIONS = {"lkd.generate(": _check_images, "MultiLoRA(": _check_manager,
-                  "multi_lora_linear(": _check_op, "AdapterLibrary(": _check_library}  # fmt: skip
+POSTCONDITIONS = {
+    "lkd.generate(": _check_images,
+    "MultiLoRA(": _check_manager,
+    "multi_lora_linear(": _check_op,
+    "AdapterLibrary(": _check_library,
+}
 
 
 @pytest.fixture
@@ -137,8 +155,10 @@ def user_files(tmp_path, monkeypatch):
     pipe = tiny_sd_pipeline()
     folder = tmp_path / "loras"
     folder.mkdir()
-    targets = {"unet": lora_targets(pipe.unet, "kohya"),
-               "text_encoder": lora_targets(pipe.text_encoder, "text")}  # fmt: skip
+    targets = {
+        "unet": lora_targets(pipe.unet, "kohya"),
+        "text_encoder": lora_targets(pipe.text_encoder, "text"),
+    }
     for i, file in enumerate(["ink.safetensors", "cyber.safetensors", "tarot.pt"]):
         layers = make_layers(targets, rank=4, alpha=1.0, seed=40 + i)
         save(folder / file, {k: 0.5 * v for k, v in kohya_state_dict(layers).items()})
@@ -188,10 +208,24 @@ def demo_server(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("demo")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lorakernels", "serve", "--demo", "--demo-dir", str(folder),
-         "--host", "127.0.0.1", "--port", "7860"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lorakernels",
+            "serve",
+            "--demo",
+            "--demo-dir",
+            str(folder),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "7860",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -223,9 +257,11 @@ def test_curl_block_answers(block, demo_server):
         if not cmd:
             continue
         out = subprocess.run(
-            ["bash", "-c", cmd + " --fail --max-time 120"], capture_output=True, text=True,
+            ["bash", "-c", cmd + " --fail --max-time 120"],
+            capture_output=True,
+            text=True,
             timeout=150,
-        )  # fmt: skip
+        )
         assert out.returncode == 0, f"README.md:{line}: {cmd} -> {out.returncode} {out.stderr}"
         body = json.loads(out.stdout)
         if "txt2img" in cmd:
@@ -252,7 +288,10 @@ def test_bash_block_is_a_valid_make_plan(block):
         # a scratch venv path: the plan must not depend on (or touch) an existing .venv
         plan = subprocess.run(
             [make, "-n", target, "VENV=/nonexistent/readme-check-venv"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert plan.returncode == 0, f"make -n {target}: {plan.stderr}"
         assert MAKE_PROMISES[target] in plan.stdout, plan.stdout

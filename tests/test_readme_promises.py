@@ -62,12 +62,19 @@ class MLP(nn.Module):
     "new_rank",
     [
         2,
-        pytest.param(8, marks=pytest.mark.xfail(strict=True, reason=(
-            "LoRABank.max_rank is a plain int that torch.compile guards on: an adapter of a "
-            "rank above every rank already loaded in a layer recompiles once (DESIGN.md 6 "
-            "promises never)"))),
+        pytest.param(
+            8,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "LoRABank.max_rank is a plain int that torch.compile guards on: an adapter "
+                    "of a rank above every rank already loaded in a growable bank recompiles "
+                    "once (fixed-capacity banks under a budget do not)"
+                ),
+            ),
+        ),
     ],
-)  # fmt: skip
+)
 def test_load_after_torch_compile_does_not_recompile(new_rank):
     torch.manual_seed(0)
     model = MLP()
@@ -140,8 +147,9 @@ def test_rows_per_sample_through_the_manager(backend):
 
 def _lora_file(folder, name, seed, unet):
     layers = make_layers({"unet": lora_targets(unet, "attn")}, rank=4, alpha=4.0, seed=seed)
-    return save(folder / f"{name}.safetensors", {k: 0.4 * v for k, v in
-                                                  kohya_state_dict(layers).items()})  # fmt: skip
+    return save(
+        folder / f"{name}.safetensors", {k: 0.4 * v for k, v in kohya_state_dict(layers).items()}
+    )
 
 
 def test_generate_on_unknown_warn_drops_only_the_unknown_tag(tmp_path):
@@ -152,9 +160,11 @@ def test_generate_on_unknown_warn_drops_only_the_unknown_tag(tmp_path):
     kw = dict(latents=latents, num_inference_steps=1, output_type="latent", height=8, width=8)
     with pytest.warns(UserWarning, match="ghost"):
         got = generate(
-            pipe, ["<lora:ghost:1> a cat", "<lora:ink:1> <lora:ghost:0.5> a dog"],
-            on_unknown="warn", **kw,
-        ).images  # fmt: skip
+            pipe,
+            ["<lora:ghost:1> a cat", "<lora:ink:1> <lora:ghost:0.5> a dog"],
+            on_unknown="warn",
+            **kw,
+        ).images
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the reference runs name no unknown adapter
         want = generate(pipe, ["a cat", "<lora:ink:1> a dog"], **kw).images
@@ -162,8 +172,15 @@ def test_generate_on_unknown_warn_drops_only_the_unknown_tag(tmp_path):
     plain = generate(pipe, ["a cat", "a dog"], **kw).images
     assert (plain[1] - want[1]).abs().max() > 1e-3  # ink really is applied to prompt 1
     with pytest.raises(KeyError, match="ghost"):  # the default still refuses
-        generate(pipe, ["<lora:ghost:1> a cat"], latents=latents[:1], num_inference_steps=1,
-                 output_type="latent", height=8, width=8)  # fmt: skip
+        generate(
+            pipe,
+            ["<lora:ghost:1> a cat"],
+            latents=latents[:1],
+            num_inference_steps=1,
+            output_type="latent",
+            height=8,
+            width=8,
+        )
 
 
 def test_diffusers_load_strict_false_skips_unknown_keys_and_loads_the_rest(tmp_path):

@@ -63,26 +63,48 @@ def _alone(pipe, req, seed):
     pipe._serve_test_config = config  # the original one: a Karras sampler's config must not leak
     pipe.scheduler = samplers.make_scheduler(samplers.resolve(req.sampler), config)
     return generate(
-        pipe, [req.prompt], negative_prompt=req.negative_prompt or None,
+        pipe,
+        [req.prompt],
+        negative_prompt=req.negative_prompt or None,
         num_inference_steps=req.steps,
-        guidance_scale=req.guidance_scale, generator=torch.Generator().manual_seed(seed),
-        height=req.height, width=req.width, output_type="np", cache_cross_attention=False,
-    ).images[0]  # fmt: skip
+        guidance_scale=req.guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        height=req.height,
+        width=req.width,
+        output_type="np",
+        cache_cross_attention=False,
+    ).images[0]
 
 
 def test_concurrent_requests_equal_generate_alone(server, demo_dirs):
     model, loras = demo_dirs
     reqs = [
         _req("<lora:ink:1> a cat", seed=1, sampler="Euler a", guidance_scale=7.0),
-        _req("<lora:cyber_v1:0.7> <lora:tarot:0.5> a dog", seed=2, steps=5,
-             sampler="DPM++ 2M Karras", guidance_scale=5.0),
+        _req(
+            "<lora:cyber_v1:0.7> <lora:tarot:0.5> a dog",
+            seed=2,
+            steps=5,
+            sampler="DPM++ 2M Karras",
+            guidance_scale=5.0,
+        ),
         _req("the dog", seed=3, steps=4, sampler="DDIM", guidance_scale=1.0),  # no guidance rows
-        _req("<lora:pastel:1.2:0.4> a cat", negative_prompt="dog", seed=4, steps=2,
-             sampler="Euler", images=2),
+        _req(
+            "<lora:pastel:1.2:0.4> a cat",
+            negative_prompt="dog",
+            seed=4,
+            steps=2,
+            sampler="Euler",
+            images=2,
+        ),
         _req("<lora:ink:-0.5> cat", seed=5, steps=6, sampler="Heun", guidance_scale=3.0),
-        _req("<lora:tarot:1> <lora:ink:0.3> a cat", seed=6, width=48, sampler="DPM2 a",
-             guidance_scale=9.0),  # another size group
-    ]  # fmt: skip
+        _req(
+            "<lora:tarot:1> <lora:ink:0.3> a cat",
+            seed=6,
+            width=48,
+            sampler="DPM2 a",
+            guidance_scale=9.0,
+        ),  # another size group
+    ]
     results = asyncio.run(_gather(server, reqs))
     ref = demo.load_pipeline(model)
     patch(ref).load_dir(loras)
@@ -240,9 +262,12 @@ def test_import_serve_needs_no_optional_package():
     )
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         env={"PYTHONPATH": str(root), "PATH": ""},
-    )  # fmt: skip
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -264,28 +289,50 @@ def _tiny_sdxl_pipeline():
 
     def clip(cls):
         config = CLIPTextConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-            vocab_size=len(tok.get_vocab()), max_position_embeddings=demo.MAX_TOKENS,
-            projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        )  # fmt: skip
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=len(tok.get_vocab()),
+            max_position_embeddings=demo.MAX_TOKENS,
+            projection_dim=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
         return cls(config).eval()
 
     unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 4),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=4 * 6 + 16,
-    ).eval()  # fmt: skip
+    ).eval()
     vae = AutoencoderKL(
-        block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-    ).eval()  # fmt: skip
+        block_out_channels=(8,),
+        norm_num_groups=8,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    ).eval()
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=clip(CLIPTextModel), text_encoder_2=clip(CLIPTextModelWithProjection),
-        tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler(),
-    )  # fmt: skip
+        vae=vae,
+        text_encoder=clip(CLIPTextModel),
+        text_encoder_2=clip(CLIPTextModelWithProjection),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -300,13 +347,32 @@ def test_sdxl_requests_equal_generate_alone(tmp_path):
     try:
         reqs = [
             _req("<lora:ink:1> a cat", seed=1, sampler="Euler", width=16, height=16),
-            _req("a dog", negative_prompt="cat", seed=2, sampler="Euler a", width=16,
-                 height=16, guidance_scale=5.0),
-            _req("<lora:ink:0.5> a dog", negative_prompt="cat", seed=3, sampler="DDIM",
-                 width=24, height=16),
-            _req("<lora:ink:1> a dog", seed=4, sampler="Euler", width=16, height=16,
-                 guidance_scale=1.0),
-        ]  # fmt: skip
+            _req(
+                "a dog",
+                negative_prompt="cat",
+                seed=2,
+                sampler="Euler a",
+                width=16,
+                height=16,
+                guidance_scale=5.0,
+            ),
+            _req(
+                "<lora:ink:0.5> a dog",
+                negative_prompt="cat",
+                seed=3,
+                sampler="DDIM",
+                width=24,
+                height=16,
+            ),
+            _req(
+                "<lora:ink:1> a dog",
+                seed=4,
+                sampler="Euler",
+                width=16,
+                height=16,
+                guidance_scale=1.0,
+            ),
+        ]
         res = asyncio.run(_gather(srv, reqs))
     finally:
         srv.drain(timeout=5)

@@ -33,20 +33,57 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # what A1111 clients send: every field of the txt2img model at its default
 A1111_DEFAULTS = {
-    "prompt": "", "negative_prompt": "", "styles": [], "seed": -1, "subseed": -1,
-    "subseed_strength": 0, "seed_resize_from_h": -1, "seed_resize_from_w": -1,
-    "sampler_name": "Euler a", "batch_size": 1, "n_iter": 1, "steps": 50, "cfg_scale": 7,
-    "width": 512, "height": 512, "restore_faces": False, "tiling": False,
-    "do_not_save_samples": False, "do_not_save_grid": False, "eta": None,
-    "denoising_strength": 0, "s_min_uncond": 0, "s_churn": 0, "s_tmax": None, "s_tmin": 0,
-    "s_noise": 1, "override_settings": {}, "override_settings_restore_afterwards": True,
-    "refiner_checkpoint": None, "refiner_switch_at": None, "disable_extra_networks": False,
-    "comments": {}, "enable_hr": False, "firstphase_width": 0, "firstphase_height": 0,
-    "hr_scale": 2, "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0,
-    "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_prompt": "",
-    "hr_negative_prompt": "", "sampler_index": "Euler", "script_name": None, "script_args": [],
-    "send_images": True, "save_images": False, "alwayson_scripts": {},
-}  # fmt: skip
+    "prompt": "",
+    "negative_prompt": "",
+    "styles": [],
+    "seed": -1,
+    "subseed": -1,
+    "subseed_strength": 0,
+    "seed_resize_from_h": -1,
+    "seed_resize_from_w": -1,
+    "sampler_name": "Euler a",
+    "batch_size": 1,
+    "n_iter": 1,
+    "steps": 50,
+    "cfg_scale": 7,
+    "width": 512,
+    "height": 512,
+    "restore_faces": False,
+    "tiling": False,
+    "do_not_save_samples": False,
+    "do_not_save_grid": False,
+    "eta": None,
+    "denoising_strength": 0,
+    "s_min_uncond": 0,
+    "s_churn": 0,
+    "s_tmax": None,
+    "s_tmin": 0,
+    "s_noise": 1,
+    "override_settings": {},
+    "override_settings_restore_afterwards": True,
+    "refiner_checkpoint": None,
+    "refiner_switch_at": None,
+    "disable_extra_networks": False,
+    "comments": {},
+    "enable_hr": False,
+    "firstphase_width": 0,
+    "firstphase_height": 0,
+    "hr_scale": 2,
+    "hr_upscaler": None,
+    "hr_second_pass_steps": 0,
+    "hr_resize_x": 0,
+    "hr_resize_y": 0,
+    "hr_checkpoint_name": None,
+    "hr_sampler_name": None,
+    "hr_prompt": "",
+    "hr_negative_prompt": "",
+    "sampler_index": "Euler",
+    "script_name": None,
+    "script_args": [],
+    "send_images": True,
+    "save_images": False,
+    "alwayson_scripts": {},
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -184,9 +221,17 @@ def test_lora_list_refresh_samplers_scripts_health_metrics(server):
     assert _call(server, "GET", "/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
     assert _call(server, "GET", "/health").json()["status"] == "ok"
     text = _call(server, "GET", "/metrics").text
-    for name in ("queue_depth", "rows_per_unet_call_bucket", "steps_per_second",
-                 "images_per_second", "resident_adapters", "pool_hits", "pool_misses",
-                 "pool_evictions", "request_latency_seconds_bucket"):  # fmt: skip
+    for name in (
+        "queue_depth",
+        "rows_per_unet_call_bucket",
+        "steps_per_second",
+        "images_per_second",
+        "resident_adapters",
+        "pool_hits",
+        "pool_misses",
+        "pool_evictions",
+        "request_latency_seconds_bucket",
+    ):
         assert f"lorakernels_serve_{name}" in text
 
 
@@ -211,10 +256,22 @@ def process(demo_dirs):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "lorakernels", "serve", "--demo", "--demo-dir",
-        str(demo_dirs[0].parent), "--port", str(port), "--max-batch-rows", "2",
-        "--drain-timeout", "30", "--log-level", "warning",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "lorakernels",
+        "serve",
+        "--demo",
+        "--demo-dir",
+        str(demo_dirs[0].parent),
+        "--port",
+        str(port),
+        "--max-batch-rows",
+        "2",
+        "--drain-timeout",
+        "30",
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90

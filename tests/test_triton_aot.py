@@ -46,8 +46,12 @@ from lorakernels.kernels.triton import dispatch  # noqa: E402
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Largest dynamic shared memory one block may use (CUDA programming guide, per arch).
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-                  torch.int32: "i32"}  # fmt: skip
+_TRITON_DTYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+}
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _REPORT_CACHE = Path(
     os.environ.get("LORAKERNELS_AOT_CACHE", Path.home() / ".cache" / "lorakernels" / "aot")
@@ -137,15 +141,42 @@ def _plans(dtype: str, kind: str, config, spec: Spec) -> list[dict]:
     try:
         if kind == "fused":
             plan = launch.plan_fused(
-                x, w, b, a, bt, starts, ranks, scales, row_ptr, entry_ptr, entry_slot,
-                entry_weight, meta, config,
-            )  # fmt: skip
+                x,
+                w,
+                b,
+                a,
+                bt,
+                starts,
+                ranks,
+                scales,
+                row_ptr,
+                entry_ptr,
+                entry_slot,
+                entry_weight,
+                meta,
+                config,
+            )
         elif kind == "segmented":
             merged, seg = t(3, n, k), t(s, dt=i32)
             plan = launch.plan_fused_segmented(
-                x, w, merged, seg, seg, b, a, bt, starts, ranks, scales, row_ptr, entry_ptr,
-                entry_slot, entry_weight, meta, config,
-            )  # fmt: skip
+                x,
+                w,
+                merged,
+                seg,
+                seg,
+                b,
+                a,
+                bt,
+                starts,
+                ranks,
+                scales,
+                row_ptr,
+                entry_ptr,
+                entry_slot,
+                entry_weight,
+                meta,
+                config,
+            )
         elif kind == "shrink":
             plan = launch.plan_shrink(
                 x, a, starts, ranks, row_ptr, entry_ptr, entry_slot, meta, config, 2
@@ -153,9 +184,19 @@ def _plans(dtype: str, kind: str, config, spec: Spec) -> list[dict]:
         else:
             y, tt = t(m, n), launch._t_buffer(m, max_entries * max_rank, meta_dev)
             plan = launch.plan_expand(
-                y, tt, bt, starts, ranks, scales, row_ptr, entry_ptr, entry_slot, entry_weight,
-                meta, config,
-            )  # fmt: skip
+                y,
+                tt,
+                bt,
+                starts,
+                ranks,
+                scales,
+                row_ptr,
+                entry_ptr,
+                entry_slot,
+                entry_weight,
+                meta,
+                config,
+            )
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     return [r for r in plan.records if "fn" in r]
@@ -213,24 +254,39 @@ def _compile(job: tuple) -> Compiled:
     # The report of a compile Triton already cached is cached beside it (keyed by Triton's
     # hash of source, specialization, options and target): reruns skip the two cuobjdump calls.
     report = _REPORT_CACHE / f"{compiled.hash}-{arch}.json"
-    names = {"kernel": record["kernel"], "dtype": dtype, "config": _describe(config),
-             "spec": spec.label(kind), "arch": arch}  # fmt: skip
+    names = {
+        "kernel": record["kernel"],
+        "dtype": dtype,
+        "config": _describe(config),
+        "spec": spec.label(kind),
+        "arch": arch,
+    }
     if report.is_file():
         cached = json.loads(report.read_text())
-        return Compiled(**{**cached, **names, "ptx_mma": tuple(cached["ptx_mma"]),
-                           "sass_mma": tuple(cached["sass_mma"])})  # fmt: skip
+        return Compiled(
+            **{
+                **cached,
+                **names,
+                "ptx_mma": tuple(cached["ptx_mma"]),
+                "sass_mma": tuple(cached["sass_mma"]),
+            }
+        )
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin_path = Path(tmp, "k.cubin")
         cubin_path.write_bytes(cubin)
         usage = subprocess.run(
             [_tool("cuobjdump"), "--dump-resource-usage", str(cubin_path)],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         sass = subprocess.run(
             [_tool("cuobjdump"), "-sass", str(cubin_path)],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if not found:
         raise RuntimeError(f"unexpected cuobjdump output:\n{usage}")
@@ -249,8 +305,14 @@ def _compile(job: tuple) -> Compiled:
 
 
 def _describe(config) -> str:
-    short = {"block_m": "M", "block_n": "N", "block_k": "K", "block_r": "R", "num_warps": "w",
-             "num_stages": "s"}  # fmt: skip
+    short = {
+        "block_m": "M",
+        "block_n": "N",
+        "block_k": "K",
+        "block_r": "R",
+        "num_warps": "w",
+        "num_stages": "s",
+    }
     flags = {"atomic": "atomic", "multi_block": "multi"}
     words = [f"{short[k]}{v}" for k, v in vars(config).items() if k in short]
     words += [flags[k] for k, v in vars(config).items() if k in flags and v]
@@ -328,11 +390,15 @@ else:
         assert len(compiled) == len(_jobs()) > 0
         configs = {(r.arch, r.dtype, r.kernel, r.config) for r in compiled}
         want = {
-            (arch, dtype, f"_{'fused_multi_lora' if kind == 'fused' else 'lora_' + kind}_kernel",
-             _describe(config))
+            (
+                arch,
+                dtype,
+                f"_{'fused_multi_lora' if kind == 'fused' else 'lora_' + kind}_kernel",
+                _describe(config),
+            )
             for kind, items in dispatch.all_configs().items()
             for arch, dtype, config in items
-        }  # fmt: skip
+        }
         assert configs - {c for c in configs if c[2] == "_fused_segmented_kernel"} == want
         segmented = {(a, d, c) for a, d, k, c in configs if k == "_fused_segmented_kernel"}
         assert segmented == {
@@ -340,8 +406,12 @@ else:
             for arch, dtype, config in dispatch.all_configs()["fused"]
         }
         kinds = {r.kernel for r in compiled}
-        assert kinds == {"_fused_multi_lora_kernel", "_fused_segmented_kernel",
-                         "_lora_shrink_kernel", "_lora_expand_kernel"}  # fmt: skip
+        assert kinds == {
+            "_fused_multi_lora_kernel",
+            "_fused_segmented_kernel",
+            "_lora_shrink_kernel",
+            "_lora_expand_kernel",
+        }
 
     def test_no_register_spills(compiled):
         spilling = [r for r in compiled if r.stack_bytes or r.local_bytes]
@@ -376,8 +446,19 @@ else:
         without TF32, for both GPU generations (meta tensors: nothing is compiled)."""
         from lorakernels.kernels.triton import launch
 
-        widths = [(320, 320), (320, 1280), (640, 640), (768, 320), (1024, 640), (2048, 1280),
-                  (1280, 10240), (5120, 1280), (77, 328), (33, 127), (328, 77)]  # fmt: skip
+        widths = [
+            (320, 320),
+            (320, 1280),
+            (640, 640),
+            (768, 320),
+            (1024, 640),
+            (2048, 1280),
+            (1280, 10240),
+            (5120, 1280),
+            (77, 328),
+            (33, 127),
+            (328, 77),
+        ]
         caps = [(1, 1), (1, 16), (1, 32), (4, 32), (3, 64), (2, 37), (1, 128), (3, 128)]
         keys = set()
         for arch, dtype, tf32 in itertools.product(dispatch.ARCHS, _TORCH_DTYPES, (False, True)):
@@ -406,10 +487,21 @@ else:
                 try:
                     plan = launch.choose_plan(x, w, meta, arch=arch)
                     job = launch.plan_multi_lora_linear(
-                        x, w, t(n) if bias else None, t(300, k), t(300, n), t(9, dt=i32),
-                        t(9, dt=i32), t(9, dt=torch.float32), t(3, dt=i32), t(3, dt=i32),
-                        t(2 * entries, dt=i32), t(2 * entries, dt=torch.float32), meta, plan,
-                    )  # fmt: skip
+                        x,
+                        w,
+                        t(n) if bias else None,
+                        t(300, k),
+                        t(300, n),
+                        t(9, dt=i32),
+                        t(9, dt=i32),
+                        t(9, dt=torch.float32),
+                        t(3, dt=i32),
+                        t(3, dt=i32),
+                        t(2 * entries, dt=i32),
+                        t(2 * entries, dt=torch.float32),
+                        meta,
+                        plan,
+                    )
                 finally:
                     torch.backends.cuda.matmul.allow_tf32 = saved
                 for record in job.records:
@@ -448,9 +540,12 @@ else:
         )
         root = Path(__file__).resolve().parents[1]
         done = subprocess.run(
-            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+            [sys.executable, "-c", code],
+            cwd=root,
+            capture_output=True,
+            text=True,
             env={**os.environ, "PYTHONPATH": str(root)},
-        )  # fmt: skip
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("ok")
 

@@ -219,9 +219,15 @@ CASES = {
 def build(name: str, dtype: torch.dtype, seed: int = 0) -> Case:
     spec = dict(CASES[name])
     return make_case(
-        dtype, spec.pop("rows"), spec.pop("k"), spec.pop("n"), spec.pop("ranks"),
-        spec.pop("mixtures"), seed=seed, **spec,
-    )  # fmt: skip
+        dtype,
+        spec.pop("rows"),
+        spec.pop("k"),
+        spec.pop("n"),
+        spec.pop("ranks"),
+        spec.pop("mixtures"),
+        seed=seed,
+        **spec,
+    )
 
 
 def forced_plan(path: str, case: Case) -> dispatch.Plan | None:
@@ -312,9 +318,17 @@ else:
         r_cap = meta.max_entries * meta.max_rank
         config = replace(dispatch.shrink_config(r_cap, str(dtype)[6:]), block_k=16)
         job = launch.plan_lora_shrink(
-            a["x"], a["lora_a"], a["slot_start"], a["slot_rank"], a["row_ptr"], a["entry_ptr"],
-            a["entry_slot"], meta, config=config, split_k=split_k,
-        )  # fmt: skip
+            a["x"],
+            a["lora_a"],
+            a["slot_start"],
+            a["slot_rank"],
+            a["row_ptr"],
+            a["entry_ptr"],
+            a["entry_slot"],
+            meta,
+            config=config,
+            split_k=split_k,
+        )
         job.out.fill_(float("nan"))
         t = job()
         assert t.dtype == torch.float32 and t.shape == (a["x"].shape[0], r_cap)
@@ -458,8 +472,9 @@ else:
         job = launch.plan_multi_lora_linear(**a, meta=case.meta, plan=forced_plan(path, case))
         job.out.fill_(float("nan"))
         assert_close(job(), case)
-        fresh = make_case(torch.float16, case.rows, k, a["weight"].shape[0], case.ranks,
-                          case.mixtures, seed=10)  # fmt: skip
+        fresh = make_case(
+            torch.float16, case.rows, k, a["weight"].shape[0], case.ranks, case.mixtures, seed=10
+        )
         a["x"].copy_(fresh.args["x"])
         job.out.fill_(float("nan"))
         assert_close(job(), replace(case, args={**a, "x": fresh.args["x"]}))
@@ -488,9 +503,16 @@ else:
         from lorakernels import ops, testing
 
         problem = testing.random_problem(
-            samples=4, rows=[7, 0, 12, 5], K=129, N=130, ranks=[1, 8, 37, 128, 5],
-            popularity=popularity, mixture_size=mixture_size, dtype=dtype, seed=21,
-        )  # fmt: skip
+            samples=4,
+            rows=[7, 0, 12, 5],
+            K=129,
+            N=130,
+            ranks=[1, 8, 37, 128, 5],
+            popularity=popularity,
+            mixture_size=mixture_size,
+            dtype=dtype,
+            seed=21,
+        )
         oracle = testing.peft_style_oracle(problem)
         y = ops.multi_lora_linear(
             problem.x, problem.weight, problem.bias, problem.bank, problem.batch, backend="triton"
@@ -554,8 +576,10 @@ else:
         return y
 
     @pytest.mark.parametrize("path", ["fused", "pair"])
-    @pytest.mark.parametrize("broken", ["slot_past_L", "negative_slot", "rank_over_cap",
-                                        "rows_past_bank", "entries_over_cap"])  # fmt: skip
+    @pytest.mark.parametrize(
+        "broken",
+        ["slot_past_L", "negative_slot", "rank_over_cap", "rows_past_bank", "entries_over_cap"],
+    )
     def test_invalid_entries_are_skipped_like_the_cuda_backend(path, broken):
         """What the csrc kernels do (``resolve_entry``): an entry whose slot is outside
         ``[0, L)``, whose rank exceeds ``meta.max_rank`` or whose rows leave the bank is
@@ -641,8 +665,7 @@ else:
         dtype once when stored, so the oracle uses the stored weights)."""
         ranks = [4, 16, 8, 12]
         mixtures = [[(0, 1.0), (1, -0.5)], [(2, 1.5)], [(1, 0.75)], [], [(3, 1.0), (0, 2.0)]]
-        case = make_case(dtype, [18, 9, 0, 7, 21], 48, 64, ranks, mixtures, seed=51,
-                         max_entries=2)  # fmt: skip
+        case = make_case(dtype, [18, 9, 0, 7, 21], 48, 64, ranks, mixtures, seed=51, max_entries=2)
         a = case.args
         w64 = a["weight"].double()
         starts, scales = a["slot_start"].tolist(), a["slot_scale"].tolist()
@@ -664,10 +687,24 @@ else:
         else:
             config = dispatch.FusedConfig(16, 16, 16, 16, 4, 2, multi_block=True)
         job = launch.plan_fused_segmented(
-            a["x"], a["weight"], merged, seg_weight, seg_lora, a["bias"], a["lora_a"],
-            a["lora_bt"], a["slot_start"], a["slot_rank"], a["slot_scale"], a["row_ptr"],
-            a["entry_ptr"], a["entry_slot"], a["entry_weight"], case.meta, config,
-        )  # fmt: skip
+            a["x"],
+            a["weight"],
+            merged,
+            seg_weight,
+            seg_lora,
+            a["bias"],
+            a["lora_a"],
+            a["lora_bt"],
+            a["slot_start"],
+            a["slot_rank"],
+            a["slot_scale"],
+            a["row_ptr"],
+            a["entry_ptr"],
+            a["entry_slot"],
+            a["entry_weight"],
+            case.meta,
+            config,
+        )
         job.out.fill_(float("nan"))
         out = job()
         ref = reference64(case)  # samples 0 and 2 (unmerged, LoRA on)

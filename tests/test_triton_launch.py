@@ -134,10 +134,18 @@ def test_expand_rejects_y_it_cannot_add_into():
     t = torch.empty(64, 16, dtype=torch.float32, device=META)
     with pytest.raises(ValueError, match="y: the triton expand"):
         launch.plan_lora_expand(
-            y, t, cpu["lora_bt"], cpu["slot_start"], cpu["slot_rank"], cpu["slot_scale"],
-            cpu["row_ptr"], cpu["entry_ptr"], cpu["entry_slot"], cpu["entry_weight"],
+            y,
+            t,
+            cpu["lora_bt"],
+            cpu["slot_start"],
+            cpu["slot_rank"],
+            cpu["slot_scale"],
+            cpu["row_ptr"],
+            cpu["entry_ptr"],
+            cpu["entry_slot"],
+            cpu["entry_weight"],
             LaunchMeta(32, 1, 16),
-        )  # fmt: skip
+        )
 
 
 # ------------------------------------------------------------------ item 6: bound arguments
@@ -147,11 +155,17 @@ def test_kernels_get_slot_count_and_bank_rows():
     for path in ("fused", "pair"):
         r_cap = meta.max_entries * meta.max_rank
         if path == "fused":
-            plan = dispatch.Plan("fused", dispatch.fused_config(32, 320, r_cap, "float16"),
-                                 None, 1, None)  # fmt: skip
+            plan = dispatch.Plan(
+                "fused", dispatch.fused_config(32, 320, r_cap, "float16"), None, 1, None
+            )
         else:
-            plan = dispatch.Plan("pair", None, dispatch.shrink_config(r_cap, "float16"), 1,
-                                 dispatch.expand_config(320, "float16"))  # fmt: skip
+            plan = dispatch.Plan(
+                "pair",
+                None,
+                dispatch.shrink_config(r_cap, "float16"),
+                1,
+                dispatch.expand_config(320, "float16"),
+            )
         job = launch.plan_multi_lora_linear(**_args(slots=11, bank_rows=300), meta=meta, plan=plan)
         for record in job.records:
             if "fn" not in record:

@@ -33,9 +33,12 @@ def _vae():
 
     torch.manual_seed(0)
     return AutoencoderKL(
-        block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-    ).eval()  # fmt: skip
+        block_out_channels=(8,),
+        norm_num_groups=8,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    ).eval()
 
 
 def tiny_sd_pipeline():
@@ -43,10 +46,15 @@ def tiny_sd_pipeline():
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=copy.deepcopy(tiny_clip()), tokenizer=tokenizer(),
-        unet=copy.deepcopy(tiny_sd15_unet()), scheduler=DDIMScheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=_vae(),
+        text_encoder=copy.deepcopy(tiny_clip()),
+        tokenizer=tokenizer(),
+        unet=copy.deepcopy(tiny_sd15_unet()),
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -56,13 +64,20 @@ def tiny_sdxl_unet_for_pipeline():
 
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 4),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=4 * 6 + 16,
-    ).eval()  # fmt: skip
+    ).eval()
 
 
 def tiny_sdxl_pipeline():
@@ -71,9 +86,13 @@ def tiny_sdxl_pipeline():
 
     te1, te2 = tiny_clip(hidden=16), tiny_clip(projection=True, hidden=16)
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=copy.deepcopy(te1), text_encoder_2=copy.deepcopy(te2),
-        tokenizer=tokenizer(), tokenizer_2=tokenizer(), unet=tiny_sdxl_unet_for_pipeline(),
+        vae=_vae(),
+        text_encoder=copy.deepcopy(te1),
+        text_encoder_2=copy.deepcopy(te2),
+        tokenizer=tokenizer(),
+        tokenizer_2=tokenizer(),
+        unet=tiny_sdxl_unet_for_pipeline(),
         scheduler=EulerDiscreteScheduler(),
-    )  # fmt: skip
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -67,34 +67,70 @@ def parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_const", const="quick", dest="mode",
-                      help="shrunk sizes, < 2 minutes on 2 CPU cores")  # fmt: skip
-    mode.add_argument("--full", action="store_const", const="full", dest="mode",
-                      help="every suite, backend and latent size (long)")  # fmt: skip
-    mode.add_argument("--smoke", action="store_const", const="smoke", dest="mode",
-                      help="tiny workloads, every code path in seconds")  # fmt: skip
+    mode.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="mode",
+        help="shrunk sizes, < 2 minutes on 2 CPU cores",
+    )
+    mode.add_argument(
+        "--full",
+        action="store_const",
+        const="full",
+        dest="mode",
+        help="every suite, backend and latent size (long)",
+    )
+    mode.add_argument(
+        "--smoke",
+        action="store_const",
+        const="smoke",
+        dest="mode",
+        help="tiny workloads, every code path in seconds",
+    )
     p.add_argument("--suite", type=_csv, help=f"comma list of {', '.join(SUITES)}")
-    p.add_argument("--dtype", type=_csv, help="comma list of fp32, bf16, fp16 (default: "
-                   "fp32,bf16 on CPU, fp16,bf16 on CUDA)")  # fmt: skip
-    p.add_argument("--device", type=_csv, help="comma list of cpu, cuda (default: cuda if "
-                   "available, else cpu)")  # fmt: skip
-    p.add_argument("--providers", type=_csv,
-                   help=f"layer providers to run besides base: {', '.join(PROVIDER_NAMES)}, "
-                   "ours:<backend>")  # fmt: skip
-    p.add_argument("--latent", type=lambda v: [int(x) for x in _csv(v)],
-                   help="UNet latent sizes, e.g. 16,32,64")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        type=_csv,
+        help="comma list of fp32, bf16, fp16 (default: fp32,bf16 on CPU, fp16,bf16 on CUDA)",
+    )
+    p.add_argument(
+        "--device", type=_csv, help="comma list of cpu, cuda (default: cuda if available, else cpu)"
+    )
+    p.add_argument(
+        "--providers",
+        type=_csv,
+        help=f"layer providers to run besides base: {', '.join(PROVIDER_NAMES)}, ours:<backend>",
+    )
+    p.add_argument(
+        "--latent",
+        type=lambda v: [int(x) for x in _csv(v)],
+        help="UNet latent sizes, e.g. 16,32,64",
+    )
     p.add_argument("--repeats", type=int, help="timed repeats per provider (median reported)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before running")
-    p.add_argument("--out", type=Path, default=Path("bench-results"),
-                   help="folder for results.json and plots (default: bench-results)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="folder for results.json and plots (default: bench-results)",
+    )
     p.add_argument("--json", type=Path, help="results file (default: OUT/results.json)")
-    p.add_argument("--markdown", type=Path, help="write/refresh a RESULTS.md (its plots and "
-                   "JSON go to a results/ folder beside it)")  # fmt: skip
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        help="write/refresh a RESULTS.md (its plots and JSON go to a results/ folder beside it)",
+    )
     p.add_argument("--wide", action="store_true", help="every column in the terminal tables")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
-    p.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
-                   help="print new/old per workload and provider of two results files")  # fmt: skip
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("OLD", "NEW"),
+        help="print new/old per workload and provider of two results files",
+    )
     return p
 
 

@@ -60,8 +60,11 @@ def _git_sha() -> str | None:
             return None
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here, capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -195,9 +198,14 @@ def layer_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
         w = rec["workload"]
         ob = ratio(rec, "ours", "base")
         row = [
-            w["label"], _config(w), w["dtype"], _fmt(median(rec, "base"), 1), _fmt(ob),
-            _fmt(w["ideal"]), _target(ob, w["ideal"] + _MARGIN),
-        ]  # fmt: skip
+            w["label"],
+            _config(w),
+            w["dtype"],
+            _fmt(median(rec, "base"), 1),
+            _fmt(ob),
+            _fmt(w["ideal"]),
+            _target(ob, w["ideal"] + _MARGIN),
+        ]
         if wide:
             if half:
                 o32 = ratio(rec, "ours", "base32")
@@ -215,9 +223,13 @@ def model_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
     head = ["UNet", "latent", "adapters", "base s", "ours/base", "ideal", "target"]
     if wide:
         head += [
-            "grouped base/base", "peft/base", "fused/base", "ours/peft", "ours/fused",
+            "grouped base/base",
+            "peft/base",
+            "fused/base",
+            "ours/peft",
+            "ours/fused",
             "peak MB base/ours/peft/fused",
-        ]  # fmt: skip
+        ]
     else:
         head += ["ours/peft", "ours/fused"]
     head.append("spread")
@@ -228,20 +240,27 @@ def model_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
         ideal = rec.get("ideal")
         base = median(rec, "base")
         row = [
-            w["model"], f"{w['latent']}²", w["adapter_config"],
-            _fmt(None if base is None else base / 1e3, 2), _fmt(ob), _fmt(ideal, 3),
+            w["model"],
+            f"{w['latent']}²",
+            w["adapter_config"],
+            _fmt(None if base is None else base / 1e3, 2),
+            _fmt(ob),
+            _fmt(ideal, 3),
             _target(ob, None if ideal is None else _MODEL_MARGIN * ideal),
-        ]  # fmt: skip
+        ]
         if wide:
             peaks = []
             for name in ("base", "ours", "peft", "fused"):
                 p = rec["providers"].get(name, {})
                 peaks.append("—" if p.get("peak_mb") is None else f"{p['peak_mb']:.0f}")
             row += [
-                _fmt(ratio(rec, "base_grouped", "base")), _fmt(ratio(rec, "peft", "base")),
-                _fmt(ratio(rec, "fused", "base")), _fmt(ratio(rec, "ours", "peft")),
-                _fmt(ratio(rec, "ours", "fused")), "/".join(peaks),
-            ]  # fmt: skip
+                _fmt(ratio(rec, "base_grouped", "base")),
+                _fmt(ratio(rec, "peft", "base")),
+                _fmt(ratio(rec, "fused", "base")),
+                _fmt(ratio(rec, "ours", "peft")),
+                _fmt(ratio(rec, "ours", "fused")),
+                "/".join(peaks),
+            ]
         else:
             row += [_fmt(ratio(rec, "ours", "peft")), _fmt(ratio(rec, "ours", "fused"))]
         row.append(_spread_cell(spread(rec)))
@@ -254,34 +273,52 @@ def legend(doc: dict, wide: bool = False) -> str:
     has_model = bool(doc.get("model"))
     entries = [
         ("layer (T,K,N)", "T rows per sample, K in-features, N out-features"),
-        ("config", "S samples, L adapters, r rank(s), mixN adapters per sample, popularity, "
-         "% of samples without an adapter"),
+        (
+            "config",
+            "S samples, L adapters, r rank(s), mixN adapters per sample, popularity, "
+            "% of samples without an adapter",
+        ),
         ("base ms, base s", "the layer (or UNet step) without any LoRA: the floor"),
         ("ours/base", "our time / base time; 1.00 would be LoRA for free"),
         ("ideal", "ours/base if time grew with FLOPs: (base + LoRA FLOPs) / base FLOPs"),
-        ("target", f"'met' when ours/base <= ideal + {_MARGIN}"
-         + (f" (UNet: <= {_MODEL_MARGIN} x ideal)" if has_model else "")
-         + "; otherwise how far above that line"),
-        ("ours/merge", "vs merged weights precomputed per mixture, one GEMM per group "
-         "(merging's best case)"),
-    ]  # fmt: skip
+        (
+            "target",
+            f"'met' when ours/base <= ideal + {_MARGIN}"
+            + (f" (UNet: <= {_MODEL_MARGIN} x ideal)" if has_model else "")
+            + "; otherwise how far above that line",
+        ),
+        (
+            "ours/merge",
+            "vs merged weights precomputed per mixture, one GEMM per group (merging's best case)",
+        ),
+    ]
     if wide:
         entries += [
             ("ours/fuse", "vs W += delta, GEMM, W restored, per group (switch cost counted)"),
             ("ours/loop", "vs a per-adapter loop of plain torch ops"),
             ("X/base", "a baseline's own time / base time"),
-            ("ours/base32", "(fp16/bf16) vs the base GEMM in float32: the floor on a CPU "
-             "without native half-precision GEMMs"),
-        ]  # fmt: skip
-    entries.append(("ours/peft", "vs PEFT's mixed batch (layer: adapter_names; UNet: "
-                    "set_adapters per sub-batch)"))  # fmt: skip
+            (
+                "ours/base32",
+                "(fp16/bf16) vs the base GEMM in float32: the floor on a CPU "
+                "without native half-precision GEMMs",
+            ),
+        ]
+    entries.append(
+        (
+            "ours/peft",
+            "vs PEFT's mixed batch (layer: adapter_names; UNet: set_adapters per sub-batch)",
+        )
+    )
     if has_model:
         entries.append(("ours/fused", "vs fuse_lora / unfuse_lora around each sub-batch"))
     entries += [
-        ("spread", "(max - min) / median of the repeats of base and ours, the larger; "
-         f"! above {100 * NOISY_SPREAD:.0f} %: noisy, rerun on a quiet machine"),
+        (
+            "spread",
+            "(max - min) / median of the repeats of base and ours, the larger; "
+            f"! above {100 * NOISY_SPREAD:.0f} %: noisy, rerun on a quiet machine",
+        ),
         ("—", "not measured (not applicable, unavailable, failed its check, or 1 repeat)"),
-    ]  # fmt: skip
+    ]
     width = max(len(k) for k, _ in entries) + 2
     lines = ["legend (ratios divide two medians measured side by side; < 1: left is faster):"]
     for key, text in entries:
@@ -368,15 +405,17 @@ def text_report(doc: dict, wide: bool = False) -> str:
 def _provenance_md(p: dict) -> str:
     v = p["versions"]
     vers = ", ".join(f"{k} {val}" for k, val in v.items() if val)
-    return "\n".join([
-        f"- device: {p['device']} ({p['device_name']}); {p['cpu_count']} CPUs, "
-        f"torch threads {p['threads']}, capability {p['cpu_capability']}",
-        f"- versions: {vers}; python {p['python']}",
-        f"- git: {p['git_sha']}; date: {p['date']}",
-        f"- load average at start / end: {p.get('loadavg_start')} / {p.get('loadavg_end')}; "
-        f"before timing: {p.get('load')}",
-        f"- command: `{p['command']}`",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"- device: {p['device']} ({p['device_name']}); {p['cpu_count']} CPUs, "
+            f"torch threads {p['threads']}, capability {p['cpu_capability']}",
+            f"- versions: {vers}; python {p['python']}",
+            f"- git: {p['git_sha']}; date: {p['date']}",
+            f"- load average at start / end: {p.get('loadavg_start')} / {p.get('loadavg_end')}; "
+            f"before timing: {p.get('load')}",
+            f"- command: `{p['command']}`",
+        ]
+    )
 
 
 def markdown_report(doc: dict, plots: Sequence[Path], relative_to: Path) -> str:
@@ -447,8 +486,15 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    colors = {"ours": "#1b7837", "merge": "#2166ac", "fuse": "#67a9cf", "peft": "#d6604d",
-              "loop": "#b2182b", "fused": "#67a9cf", "base_grouped": "#999999"}  # fmt: skip
+    colors = {
+        "ours": "#1b7837",
+        "merge": "#2166ac",
+        "fuse": "#67a9cf",
+        "peft": "#d6604d",
+        "loop": "#b2182b",
+        "fused": "#67a9cf",
+        "base_grouped": "#999999",
+    }
     shrunk = {
         "quick": " — QUICK MODE: shrunk sizes, indicative only",
         "smoke": " — SMOKE MODE: tiny shapes, not representative",
@@ -463,25 +509,62 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
             f"{r['workload']['label']}\n{_config(r['workload'])}{_noisy_mark(r)}" for r in recs
         ]
         path = out_dir / f"layer_{suite}_{dtype}.png"
-        _bars(plt, recs, names, labels, colors, path,
-              f"{SUITE_TITLES.get(suite, suite)} — {dtype}{shrunk}\n"
-              f"{doc['provenance']['device_name']}, {doc['provenance']['threads']} threads",
-              ideal=[r["workload"]["ideal"] for r in recs])  # fmt: skip
+        _bars(
+            plt,
+            recs,
+            names,
+            labels,
+            colors,
+            path,
+            f"{SUITE_TITLES.get(suite, suite)} — {dtype}{shrunk}\n"
+            f"{doc['provenance']['device_name']}, {doc['provenance']['threads']} threads",
+            ideal=[r["workload"]["ideal"] for r in recs],
+        )
         written.append(path)
     if doc.get("model"):
         recs = doc["model"]
-        labels = [f"{r['workload']['label']}\nbatch {r['workload']['batch']}{_noisy_mark(r)}"
-                  for r in recs]  # fmt: skip
+        labels = [
+            f"{r['workload']['label']}\nbatch {r['workload']['batch']}{_noisy_mark(r)}"
+            for r in recs
+        ]
         path = out_dir / "model_unet.png"
-        _bars(plt, recs, ["ours", "base_grouped", "peft", "fused"], labels, colors, path,
-              f"UNet step time / base step time{shrunk}\n{doc['provenance']['device_name']}",
-              ideal=[r.get("ideal") for r in recs])  # fmt: skip
+        _bars(
+            plt,
+            recs,
+            ["ours", "base_grouped", "peft", "fused"],
+            labels,
+            colors,
+            path,
+            f"UNet step time / base step time{shrunk}\n{doc['provenance']['device_name']}",
+            ideal=[r.get("ideal") for r in recs],
+        )
         written.append(path)
     return written
 
 
-_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100,
-           200, 500, 1000)  # fmt: skip
+_TICKS = (
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.25,
+    0.5,
+    0.75,
+    1,
+    1.25,
+    1.5,
+    2,
+    3,
+    5,
+    10,
+    20,
+    50,
+    100,
+    200,
+    500,
+    1000,
+)
 
 
 def _log_ticks(lo: float, hi: float, max_ticks: int = 9) -> list[float]:

@@ -254,14 +254,26 @@ def build_unet_case(workload: UNetWorkload, device: torch.device) -> UNetCase:
     context = torch.randn(batch, 77, cfg["cross_attention_dim"], generator=g).to(device, dtype)
     timestep = torch.tensor(500, device=device)
     return UNetCase(
-        workload, unet_ours, mlora, unet_peft, paths, names, strengths, groups, mixtures,
+        workload,
+        unet_ours,
+        mlora,
+        unet_peft,
+        paths,
+        names,
+        strengths,
+        groups,
+        mixtures,
         (latents, timestep, context),
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------------- providers
-def _grouped(unet: nn.Module, case: UNetCase, before: Callable[[str], None] | None,
-             after: Callable[[], None] | None) -> Tensor:  # fmt: skip
+def _grouped(
+    unet: nn.Module,
+    case: UNetCase,
+    before: Callable[[str], None] | None,
+    after: Callable[[], None] | None,
+) -> Tensor:
     latents, t, ctx = case.inputs
     out = torch.empty_like(latents)
     for name, idx in case.groups:
@@ -444,13 +456,15 @@ def run_unet(workload: UNetWorkload, device: torch.device) -> dict:
             (layer.lora_bank.lora_a.numel() + layer.lora_bank.lora_bt.numel())
             * layer.lora_bank.lora_a.element_size()
             for layer in case.mlora.layers.values()
-        ) / 2**20,
+        )
+        / 2**20,
         "peft": sum(
             p.numel() * p.element_size()
             for n, p in case.unet_peft.named_parameters()
             if "lora_" in n
-        ) / 2**20,
-    }  # fmt: skip
+        )
+        / 2**20,
+    }
     return record
 
 

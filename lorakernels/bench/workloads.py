@@ -266,8 +266,14 @@ def smoke_suite(dtypes: Sequence[str]) -> list[LayerWorkload]:
         out.append(LayerWorkload(tiny[0], samples=4, adapters=2, ranks=(4,), dtype=dt))
         out.append(
             LayerWorkload(
-                tiny[1], samples=6, adapters=3, ranks=(2, 5), mixture=2, popularity="uniform",
-                frac_empty=0.25, dtype=dt,
+                tiny[1],
+                samples=6,
+                adapters=3,
+                ranks=(2, 5),
+                mixture=2,
+                popularity="uniform",
+                frac_empty=0.25,
+                dtype=dt,
             )
-        )  # fmt: skip
+        )
     return _with(out, suite="smoke")

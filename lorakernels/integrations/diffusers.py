@@ -136,10 +136,14 @@ class DiffusersLoRA:
         self.managers: dict[str, MultiLoRA] = {}
         for comp, module in self.components.items():
             mgr = MultiLoRA(
-                module, targets=pats[comp], library=self.library, backend=backend,
-                max_resident_adapters=max_resident_adapters, resident_bytes=shares[comp],
+                module,
+                targets=pats[comp],
+                library=self.library,
+                backend=backend,
+                max_resident_adapters=max_resident_adapters,
+                resident_bytes=shares[comp],
                 component=comp,
-            )  # fmt: skip
+            )
             mgr.drop_empty = True
             self.managers[comp] = mgr
 
@@ -258,8 +262,14 @@ class DiffusersLoRA:
         out: dict[str, Any] = {
             "resident": sorted({n for st in per.values() for n in st["resident"]}),
         }
-        for key in ("resident_bytes", "capacity_bytes", "hits", "misses", "evictions",
-                    "prefetched"):  # fmt: skip
+        for key in (
+            "resident_bytes",
+            "capacity_bytes",
+            "hits",
+            "misses",
+            "evictions",
+            "prefetched",
+        ):
             out[key] = sum(st[key] for st in per.values())
         out["components"] = per
         out["library"] = self.library.stats()
@@ -378,13 +388,18 @@ class DiffusersLoRA:
         with self.use(text_encoder=te_mixes):
             if "text_encoder_2" in self.components or hasattr(pipe, "text_encoder_2"):
                 out = pipe.encode_prompt(
-                    prompt=texts, device=device, num_images_per_prompt=1,
-                    do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt,
-                )  # fmt: skip
+                    prompt=texts,
+                    device=device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=do_cfg,
+                    negative_prompt=negative_prompt,
+                )
                 names = (
-                    "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                    "prompt_embeds",
+                    "negative_prompt_embeds",
+                    "pooled_prompt_embeds",
                     "negative_pooled_prompt_embeds",
-                )  # fmt: skip
+                )
                 return {k: v for k, v in zip(names, out, strict=True) if v is not None}
             pos, neg = pipe.encode_prompt(texts, device, 1, do_cfg, negative_prompt)
         out = {"prompt_embeds": pos}
@@ -424,9 +439,13 @@ def patch(
     if isinstance(existing, DiffusersLoRA):
         return existing
     handle = DiffusersLoRA(
-        pipe, targets, library=library, max_resident_adapters=max_resident_adapters,
-        resident_bytes=resident_bytes, backend=backend,
-    )  # fmt: skip
+        pipe,
+        targets,
+        library=library,
+        max_resident_adapters=max_resident_adapters,
+        resident_bytes=resident_bytes,
+        backend=backend,
+    )
     try:
         pipe._lorakernels = handle
     except (AttributeError, TypeError):

@@ -251,9 +251,18 @@ class _Host:
     """Host facts of one (batch content, bank content, row count): groups and their plans."""
 
     __slots__ = (
-        "groups", "group_items", "group_runs", "group_samples", "owner", "per_sample", "ranks",
-        "rows", "scales", "starts", "subplans",
-    )  # fmt: skip
+        "groups",
+        "group_items",
+        "group_runs",
+        "group_samples",
+        "owner",
+        "per_sample",
+        "ranks",
+        "rows",
+        "scales",
+        "starts",
+        "subplans",
+    )
 
 
 _HOST: OrderedDict[tuple, _Host] = OrderedDict()  # content key -> host plan
@@ -267,10 +276,15 @@ def _content_key(tensors, ct) -> tuple:
     ptr = tuple(entry_ptr.tolist())
     e = ptr[-1]
     return (
-        tuple(row_ptr.tolist()), ptr, tuple(entry_slot[:e].tolist()),
-        tuple(entry_weight[:e].tolist()), tuple(slot_start.tolist()), tuple(slot_rank.tolist()),
-        tuple(slot_scale.tolist()), ct,
-    )  # fmt: skip
+        tuple(row_ptr.tolist()),
+        ptr,
+        tuple(entry_slot[:e].tolist()),
+        tuple(entry_weight[:e].tolist()),
+        tuple(slot_start.tolist()),
+        tuple(slot_rank.tolist()),
+        tuple(slot_scale.tolist()),
+        ct,
+    )
 
 
 def _build_host(key: tuple, device) -> _Host:
@@ -381,9 +395,11 @@ def _slot_fp(h: _Host, lora_a: Tensor, lora_bt: Tensor):
             return ("absent",)
         st, r = h.starts[slot], h.ranks[slot]
         return (
-            r, h.scales[slot], _planner.content_hash(lora_a[st : st + r]),
+            r,
+            h.scales[slot],
+            _planner.content_hash(lora_a[st : st + r]),
             _planner.content_hash(lora_bt[st : st + r]),
-        )  # fmt: skip
+        )
 
     return fp
 
@@ -455,9 +471,11 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
     if not grad and (half or (mode != "unmerged" and active)):
         st = cache.layer(lora_a)
         cache.validate(
-            st, _planner.weight_stamp(weight),
-            _planner.bank_stamp(lora_a, lora_bt, *tensors[4:]), _slot_fp(h, lora_a, lora_bt),
-        )  # fmt: skip
+            st,
+            _planner.weight_stamp(weight),
+            _planner.bank_stamp(lora_a, lora_bt, *tensors[4:]),
+            _slot_fp(h, lora_a, lora_bt),
+        )
     if not active and native:
         return torch.nn.functional.linear(x, weight, bias)  # the base layer itself
     # unmerged rows compute in ct: float32 copies of half weights are cached per layer
@@ -534,6 +552,13 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         for r0, r1 in spans:
             y[r0:r1] = ys[pos : pos + r1 - r0]
             pos += r1 - r0
-    _planner.record(k, n, prec, len(groups) - n_unmerged - sum(1 for g in groups if not g.rank),
-                    n_unmerged, built, hits)  # fmt: skip
+    _planner.record(
+        k,
+        n,
+        prec,
+        len(groups) - n_unmerged - sum(1 for g in groups if not g.rank),
+        n_unmerged,
+        built,
+        hits,
+    )
     return y if y.dtype == x.dtype else y.to(x.dtype)

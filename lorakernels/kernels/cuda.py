@@ -84,32 +84,82 @@ def _ld(t: Tensor) -> int:
 # below are the only callers with CUDA tensors. Without a GPU the library answers with a
 # CUDA error, raised here as RuntimeError (tests use that to check the error path).
 def _launch_shrink(
-    lib: ctypes.CDLL, x: Tensor, lora_a: Tensor, idx: dict[str, Tensor], t: Tensor,
-    max_rows: int, max_entries: int, max_rank: int, stream: int,
-) -> None:  # fmt: skip
+    lib: ctypes.CDLL,
+    x: Tensor,
+    lora_a: Tensor,
+    idx: dict[str, Tensor],
+    t: Tensor,
+    max_rows: int,
+    max_entries: int,
+    max_rank: int,
+    stream: int,
+) -> None:
     code = lib.lk_sgmv_shrink(
-        _dtype_code(x, "x"), _ptr(x), _ld(x), _ptr(lora_a), _ld(lora_a), _ptr(t), t.stride(0),
-        _ptr(idx["slot_start"]), _ptr(idx["slot_rank"]), _ptr(idx["row_ptr"]),
-        _ptr(idx["entry_ptr"]), _ptr(idx["entry_slot"]),
-        idx["row_ptr"].numel() - 1, idx["slot_rank"].numel(), lora_a.shape[0], x.shape[1],
-        max_rows, max_entries, max_rank, stream,
-    )  # fmt: skip
+        _dtype_code(x, "x"),
+        _ptr(x),
+        _ld(x),
+        _ptr(lora_a),
+        _ld(lora_a),
+        _ptr(t),
+        t.stride(0),
+        _ptr(idx["slot_start"]),
+        _ptr(idx["slot_rank"]),
+        _ptr(idx["row_ptr"]),
+        _ptr(idx["entry_ptr"]),
+        _ptr(idx["entry_slot"]),
+        idx["row_ptr"].numel() - 1,
+        idx["slot_rank"].numel(),
+        lora_a.shape[0],
+        x.shape[1],
+        max_rows,
+        max_entries,
+        max_rank,
+        stream,
+    )
     _native.check(lib, code, "lorakernels sgmv_shrink")
 
 
 def _launch_expand(
-    lib: ctypes.CDLL, y_in: Tensor, y_out: Tensor, t: Tensor, lora_bt: Tensor,
-    idx: dict[str, Tensor], slot_scale: Tensor, entry_weight: Tensor,
-    max_rows: int, max_entries: int, max_rank: int, stream: int,
-) -> None:  # fmt: skip
+    lib: ctypes.CDLL,
+    y_in: Tensor,
+    y_out: Tensor,
+    t: Tensor,
+    lora_bt: Tensor,
+    idx: dict[str, Tensor],
+    slot_scale: Tensor,
+    entry_weight: Tensor,
+    max_rows: int,
+    max_entries: int,
+    max_rank: int,
+    stream: int,
+) -> None:
     code = lib.lk_sgmv_expand(
-        _dtype_code(y_out, "y_out"), _dtype_code(y_in, "y"), _ptr(y_in), _ld(y_in),
-        _ptr(y_out), _ld(y_out), _ptr(t), t.stride(0), _ptr(lora_bt), _ld(lora_bt),
-        _ptr(idx["slot_start"]), _ptr(idx["slot_rank"]), _ptr(slot_scale), _ptr(idx["row_ptr"]),
-        _ptr(idx["entry_ptr"]), _ptr(idx["entry_slot"]), _ptr(entry_weight),
-        idx["row_ptr"].numel() - 1, idx["slot_rank"].numel(), lora_bt.shape[0], y_out.shape[1],
-        max_rows, max_entries, max_rank, stream,
-    )  # fmt: skip
+        _dtype_code(y_out, "y_out"),
+        _dtype_code(y_in, "y"),
+        _ptr(y_in),
+        _ld(y_in),
+        _ptr(y_out),
+        _ld(y_out),
+        _ptr(t),
+        t.stride(0),
+        _ptr(lora_bt),
+        _ld(lora_bt),
+        _ptr(idx["slot_start"]),
+        _ptr(idx["slot_rank"]),
+        _ptr(slot_scale),
+        _ptr(idx["row_ptr"]),
+        _ptr(idx["entry_ptr"]),
+        _ptr(idx["entry_slot"]),
+        _ptr(entry_weight),
+        idx["row_ptr"].numel() - 1,
+        idx["slot_rank"].numel(),
+        lora_bt.shape[0],
+        y_out.shape[1],
+        max_rows,
+        max_entries,
+        max_rank,
+        stream,
+    )
     _native.check(lib, code, "lorakernels sgmv_expand")
 
 
@@ -135,24 +185,50 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager[object]:
 # ---------------------------------------------------------------------------- op kernels
 # Registered for CUDA below. They do not insist on CUDA tensors themselves: with the host
 # emulation of the library (csrc/emulate, tests only) the same code runs on CPU tensors.
-def _shrink_impl(x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot,
-                 max_rows, max_entries, max_rank):  # fmt: skip # noqa: ANN001, ANN202
+def _shrink_impl(
+    x,
+    lora_a,
+    slot_start,
+    slot_rank,
+    row_ptr,
+    entry_ptr,
+    entry_slot,
+    max_rows,
+    max_entries,
+    max_rank,
+):  # noqa: ANN001, ANN202
     lib = _native.load()
     x = _rows(x, "x")
     lora_a = _rows(lora_a, "lora_a", x.dtype)
-    idx = _index_tensors(slot_start=slot_start, slot_rank=slot_rank, row_ptr=row_ptr,
-                         entry_ptr=entry_ptr, entry_slot=entry_slot)  # fmt: skip
+    idx = _index_tensors(
+        slot_start=slot_start,
+        slot_rank=slot_rank,
+        row_ptr=row_ptr,
+        entry_ptr=entry_ptr,
+        entry_slot=entry_slot,
+    )
     _same_device(x.device, lora_a=lora_a, **idx)
     # zeros, not empty: columns past a rank are never written and must not leak old memory
     t = torch.zeros((x.shape[0], max_entries * max_rank), dtype=torch.float32, device=x.device)
     with _on(x.device):
-        _launch_shrink(lib, x, lora_a, idx, t, max_rows, max_entries, max_rank,
-                       _stream(x.device))  # fmt: skip
+        _launch_shrink(lib, x, lora_a, idx, t, max_rows, max_entries, max_rank, _stream(x.device))
     return t
 
 
-def _expand_args(y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr,
-                 entry_slot, entry_weight, max_entries, max_rank):  # fmt: skip # noqa: ANN001, ANN202
+def _expand_args(
+    y,
+    t,
+    lora_bt,
+    slot_start,
+    slot_rank,
+    slot_scale,
+    row_ptr,
+    entry_ptr,
+    entry_slot,
+    entry_weight,
+    max_entries,
+    max_rank,
+):  # noqa: ANN001, ANN202
     lora_bt = _rows(lora_bt, "lora_bt")
     _dtype_code(lora_bt, "lora_bt")
     t = _rows(t, "t", torch.float32)
@@ -162,45 +238,120 @@ def _expand_args(y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entr
         )
     if y.dim() != 2 or y.shape[1] != lora_bt.shape[1]:
         raise ValueError(f"y must be [M, N={lora_bt.shape[1]}], got {tuple(y.shape)}")
-    idx = _index_tensors(slot_start=slot_start, slot_rank=slot_rank, row_ptr=row_ptr,
-                         entry_ptr=entry_ptr, entry_slot=entry_slot)  # fmt: skip
+    idx = _index_tensors(
+        slot_start=slot_start,
+        slot_rank=slot_rank,
+        row_ptr=row_ptr,
+        entry_ptr=entry_ptr,
+        entry_slot=entry_slot,
+    )
     scale = _vector(slot_scale, "slot_scale", torch.float32)
     weight = _vector(entry_weight, "entry_weight", torch.float32)
     _same_device(y.device, t=t, lora_bt=lora_bt, slot_scale=scale, entry_weight=weight, **idx)
     return t, lora_bt, idx, scale, weight
 
 
-def _expand_impl(y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr,
-                 entry_slot, entry_weight, max_rows, max_entries, max_rank):  # fmt: skip # noqa: ANN001, ANN202
+def _expand_impl(
+    y,
+    t,
+    lora_bt,
+    slot_start,
+    slot_rank,
+    slot_scale,
+    row_ptr,
+    entry_ptr,
+    entry_slot,
+    entry_weight,
+    max_rows,
+    max_entries,
+    max_rank,
+):  # noqa: ANN001, ANN202
     lib = _native.load()
     t, lora_bt, idx, scale, weight = _expand_args(
-        y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
-        entry_weight, max_entries, max_rank,
-    )  # fmt: skip
+        y,
+        t,
+        lora_bt,
+        slot_start,
+        slot_rank,
+        slot_scale,
+        row_ptr,
+        entry_ptr,
+        entry_slot,
+        entry_weight,
+        max_entries,
+        max_rank,
+    )
     if y.dtype not in (torch.float32, lora_bt.dtype):
         raise TypeError(f"y must be float32 or {lora_bt.dtype}, got {y.dtype}")
     y = _rows(y, "y")
     out = torch.empty(y.shape, dtype=lora_bt.dtype, device=y.device)
     with _on(y.device):
-        _launch_expand(lib, y, out, t, lora_bt, idx, scale, weight, max_rows, max_entries,
-                       max_rank, _stream(y.device))  # fmt: skip
+        _launch_expand(
+            lib,
+            y,
+            out,
+            t,
+            lora_bt,
+            idx,
+            scale,
+            weight,
+            max_rows,
+            max_entries,
+            max_rank,
+            _stream(y.device),
+        )
     return out
 
 
-def _expand_inplace_impl(y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr,
-                         entry_slot, entry_weight, max_rows, max_entries, max_rank):  # fmt: skip # noqa: ANN001, ANN202
+def _expand_inplace_impl(
+    y,
+    t,
+    lora_bt,
+    slot_start,
+    slot_rank,
+    slot_scale,
+    row_ptr,
+    entry_ptr,
+    entry_slot,
+    entry_weight,
+    max_rows,
+    max_entries,
+    max_rank,
+):  # noqa: ANN001, ANN202
     lib = _native.load()
     t, lora_bt, idx, scale, weight = _expand_args(
-        y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
-        entry_weight, max_entries, max_rank,
-    )  # fmt: skip
+        y,
+        t,
+        lora_bt,
+        slot_start,
+        slot_rank,
+        slot_scale,
+        row_ptr,
+        entry_ptr,
+        entry_slot,
+        entry_weight,
+        max_entries,
+        max_rank,
+    )
     if y.dtype != lora_bt.dtype:
         raise TypeError(f"y must be {lora_bt.dtype} (the bank dtype) for the in-place expand")
     if y.dim() != 2 or y.stride(1) != 1:
         raise ValueError("y must be a 2-D tensor with unit column stride for the in-place expand")
     with _on(y.device):
-        _launch_expand(lib, y, y, t, lora_bt, idx, scale, weight, max_rows, max_entries,
-                       max_rank, _stream(y.device))  # fmt: skip
+        _launch_expand(
+            lib,
+            y,
+            y,
+            t,
+            lora_bt,
+            idx,
+            scale,
+            weight,
+            max_rows,
+            max_entries,
+            max_rank,
+            _stream(y.device),
+        )
 
 
 OP_IMPLS = {

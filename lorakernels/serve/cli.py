@@ -33,9 +33,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-images", type=int, default=16, help="batch_size * n_iter limit")
     p.add_argument(
-        "--max-resident-adapters", type=int, default=None,
+        "--max-resident-adapters",
+        type=int,
+        default=None,
         help="adapters held in the banks at once (LRU eviction; default: no bound)",
-    )  # fmt: skip
+    )
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if any)")
@@ -107,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     run(
-        server, host=args.host, port=args.port, model_name=name,
-        drain_timeout=args.drain_timeout, log_level=args.log_level,
-    )  # fmt: skip
+        server,
+        host=args.host,
+        port=args.port,
+        model_name=name,
+        drain_timeout=args.drain_timeout,
+        log_level=args.log_level,
+    )
     return 0

@@ -105,17 +105,27 @@ def build_pipeline(tmp: Path) -> Any:
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
-        )  # fmt: skip
+        )
     )
     # SD1.5's noise schedule
     sched = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(), scheduler=sched,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=vae.eval(),
+        text_encoder=te.eval(),
+        tokenizer=tok,
+        unet=unet.eval(),
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     return pipe
 
 

@@ -97,14 +97,36 @@ NOOP_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 # fields with no effect on the result in the cases listed in the module docstring
 NO_EFFECT = {
-    "subseed", "denoising_strength", "firstphase_width", "firstphase_height", "hr_scale",
-    "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
-    "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg",
-    "hr_distilled_cfg", "hr_additional_modules", "refiner_switch_at", "script_args",
-    "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
-    "comments", "force_task_id", "sampler_index", "outpath_samples", "outpath_grids",
-    "prompt_for_display", "user",
-}  # fmt: skip
+    "subseed",
+    "denoising_strength",
+    "firstphase_width",
+    "firstphase_height",
+    "hr_scale",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_checkpoint_name",
+    "hr_sampler_name",
+    "hr_scheduler",
+    "hr_prompt",
+    "hr_negative_prompt",
+    "hr_cfg",
+    "hr_distilled_cfg",
+    "hr_additional_modules",
+    "refiner_switch_at",
+    "script_args",
+    "do_not_save_samples",
+    "do_not_save_grid",
+    "override_settings_restore_afterwards",
+    "comments",
+    "force_task_id",
+    "sampler_index",
+    "outpath_samples",
+    "outpath_grids",
+    "prompt_for_display",
+    "user",
+}
 
 
 class Reply(NamedTuple):
@@ -174,10 +196,19 @@ def parse_txt2img(payload: Any) -> tuple[GenerationRequest, bool, dict[str, Any]
     if n_iter < 1:
         raise RequestError("n_iter", f"must be >= 1, got {n_iter}")
     req = GenerationRequest(
-        prompt=prompt, negative_prompt=negative, steps=steps, guidance_scale=float(cfg),
-        seed=seed, width=width, height=height, sampler=sampler, scheduler=scheduler,
-        images=batch * n_iter, eta=None if eta is None else float(eta), use_loras=not no_loras,
-    )  # fmt: skip
+        prompt=prompt,
+        negative_prompt=negative,
+        steps=steps,
+        guidance_scale=float(cfg),
+        seed=seed,
+        width=width,
+        height=height,
+        sampler=sampler,
+        scheduler=scheduler,
+        images=batch * n_iter,
+        eta=None if eta is None else float(eta),
+        use_loras=not no_loras,
+    )
     params = {**IMPLEMENTED, **payload, "sampler_name": sampler}
     return req, send, params
 
@@ -202,25 +233,41 @@ def _info(req: GenerationRequest, params: dict[str, Any], result: Any, model: st
     )
     neg = f"\nNegative prompt: {req.negative_prompt}" if req.negative_prompt else ""
     info = {
-        "prompt": req.prompt, "all_prompts": [req.prompt] * n,
-        "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
-        "seed": result.seeds[0], "all_seeds": result.seeds,
-        "subseed": subseeds[0], "all_subseeds": subseeds, "subseed_strength": 0,
-        "width": req.width, "height": req.height, "sampler_name": result.sampler,
-        "cfg_scale": req.guidance_scale, "steps": req.steps,
-        "batch_size": params.get("batch_size", 1), "restore_faces": False,
-        "face_restoration_model": None, "sd_model_name": model, "sd_model_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "prompt": req.prompt,
+        "all_prompts": [req.prompt] * n,
+        "negative_prompt": req.negative_prompt,
+        "all_negative_prompts": [req.negative_prompt] * n,
+        "seed": result.seeds[0],
+        "all_seeds": result.seeds,
+        "subseed": subseeds[0],
+        "all_subseeds": subseeds,
+        "subseed_strength": 0,
+        "width": req.width,
+        "height": req.height,
+        "sampler_name": result.sampler,
+        "cfg_scale": req.guidance_scale,
+        "steps": req.steps,
+        "batch_size": params.get("batch_size", 1),
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": model,
+        "sd_model_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
         "denoising_strength": params.get("denoising_strength"),
-        "extra_generation_params": {}, "index_of_first_image": 0,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
         "infotexts": [f"{req.prompt}{neg}\n{line.format(seed=s)}" for s in result.seeds],
-        "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1,
         "is_using_inpainting_conditioning": False,
         "lorakernels": {
-            "adapters": result.adapters, "timings": result.timings,
+            "adapters": result.adapters,
+            "timings": result.timings,
             "adapters_were_resident": result.adapters_were_resident,
         },
-    }  # fmt: skip
+    }
     return json.dumps(info)
 
 
@@ -280,10 +327,14 @@ async def txt2img(
 def lora_list(server: DiffusionServer) -> list[dict[str, Any]]:
     """``GET /sdapi/v1/loras``: ``[{"name", "alias", "path", "metadata"}]``."""
     return [
-        {"name": a.name, "alias": a.aliases[0] if a.aliases else a.name, "path": a.path,
-         "metadata": dict(a.metadata)}
+        {
+            "name": a.name,
+            "alias": a.aliases[0] if a.aliases else a.name,
+            "path": a.path,
+            "metadata": dict(a.metadata),
+        }
         for a in server.adapters()
-    ]  # fmt: skip
+    ]
 
 
 def static_routes(app: FastAPI, model_name: str) -> None:
@@ -300,9 +351,15 @@ def static_routes(app: FastAPI, model_name: str) -> None:
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> Any:
         return [
-            {"title": model_name, "model_name": model_name, "hash": None, "sha256": None,
-             "filename": model_name, "config": None}
-        ]  # fmt: skip
+            {
+                "title": model_name,
+                "model_name": model_name,
+                "hash": None,
+                "sha256": None,
+                "filename": model_name,
+                "config": None,
+            }
+        ]
 
     @app.get("/sdapi/v1/options")
     async def options() -> Any:
@@ -386,7 +443,10 @@ def run(
             await drained
 
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level,
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
         timeout_graceful_shutdown=int(drain_timeout) + 5,
-    )  # fmt: skip
+    )
     _Server(config).run()

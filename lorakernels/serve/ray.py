@@ -237,8 +237,10 @@ def build_app(
         async def metrics(self) -> Any:
             lines = []
             for name, value in self.counts.items():
-                lines += [f"# TYPE lorakernels_ray_{name}_total counter",
-                          f"lorakernels_ray_{name}_total {value}"]  # fmt: skip
+                lines += [
+                    f"# TYPE lorakernels_ray_{name}_total counter",
+                    f"lorakernels_ray_{name}_total {value}",
+                ]
             text = await self.replicas.metrics.remote()  # one replica's own metrics
             return PlainTextResponse("\n".join(lines) + "\n" + text)
 
@@ -265,10 +267,16 @@ def run(args: Any, model_dir: Path, lora_dirs: list[Path], model_name: str) -> i
             "target_ongoing_requests": max(1, args.max_batch_rows // 2),
         }
     app = build_app(
-        model_dir, [str(d) for d in lora_dirs], model_name=model_name, replicas=args.replicas,
-        autoscaling=autoscaling, server_kwargs=server_kwargs(args),
-        drain_timeout=args.drain_timeout, dtype=args.dtype, device=args.device,
-    )  # fmt: skip
+        model_dir,
+        [str(d) for d in lora_dirs],
+        model_name=model_name,
+        replicas=args.replicas,
+        autoscaling=autoscaling,
+        server_kwargs=server_kwargs(args),
+        drain_timeout=args.drain_timeout,
+        dtype=args.dtype,
+        device=args.device,
+    )
     serve.run(app, name="lorakernels", route_prefix="/")
     print(f"lorakernels serve --ray: http://{args.host}:{args.port}", flush=True)
     stop = threading.Event()

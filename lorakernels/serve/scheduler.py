@@ -170,7 +170,7 @@ class StepBatcher:
                     adapter_key=key,
                     arrival=arrival,
                     step_kwargs=kwargs,
-                )  # fmt: skip
+                )
             )
         return jobs
 

@@ -269,8 +269,11 @@ class DiffusionServer:
             v = getattr(req, name)
             need(v % 8 == 0 and v >= 8, name, f"must be a positive multiple of 8, got {v}")
             need(v <= self.max_size, name, f"{v} is over this server's limit {self.max_size}")
-        need(1 <= req.images <= self.max_images, "batch_size", f"images per request must be in "
-             f"[1, {self.max_images}], got {req.images}")  # fmt: skip
+        need(
+            1 <= req.images <= self.max_images,
+            "batch_size",
+            f"images per request must be in [1, {self.max_images}], got {req.images}",
+        )
         g = req.guidance_scale
         need(isinstance(g, int | float) and math.isfinite(g), "cfg_scale", f"bad value {g!r}")
         need(-1 <= req.seed <= MAX_SEED, "seed", f"must be -1 or in [0, {MAX_SEED}]")
@@ -293,10 +296,16 @@ class DiffusionServer:
         seed = random.randint(0, MAX_SEED) if req.seed == -1 else req.seed
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(req.images)]
         return _Pending(
-            request=req, text=parsed.text, unet=dict(unet), text_encoder=dict(te), seeds=seeds,
-            sampler=sampler, future=concurrent.futures.Future(), arrival=next(self._arrivals),
+            request=req,
+            text=parsed.text,
+            unet=dict(unet),
+            text_encoder=dict(te),
+            seeds=seeds,
+            sampler=sampler,
+            future=concurrent.futures.Future(),
+            arrival=next(self._arrivals),
             t_submit=time.monotonic(),
-        )  # fmt: skip
+        )
 
     def enqueue(self, req: GenerationRequest) -> concurrent.futures.Future:
         """Validate and queue ``req``; the future resolves to a :class:`GenerationResult`.
@@ -398,8 +407,10 @@ class DiffusionServer:
                 self._answer(p, error=exc)
         # empty negative prompts are encoded as the pipeline encodes ``negative_prompt=None``
         # (SDXL may zero them): such requests form their own text-encoder batch
-        for group in ([p for p in ok if not p.request.negative_prompt],
-                      [p for p in ok if p.request.negative_prompt]):  # fmt: skip
+        for group in (
+            [p for p in ok if not p.request.negative_prompt],
+            [p for p in ok if p.request.negative_prompt],
+        ):
             if group:
                 self._start(group)
 
@@ -409,9 +420,12 @@ class DiffusionServer:
         negatives = [p.request.negative_prompt for p in ok]
         try:
             embeds = bridge.encode(
-                self.handle, [p.text for p in ok], negatives if any(negatives) else None,
-                [p.text_encoder for p in ok], do_cfg,
-            )  # fmt: skip
+                self.handle,
+                [p.text for p in ok],
+                negatives if any(negatives) else None,
+                [p.text_encoder for p in ok],
+                do_cfg,
+            )
         except Exception as exc:  # noqa: BLE001
             if len(ok) == 1:
                 self._remove_active(ok[0])
@@ -425,13 +439,21 @@ class DiffusionServer:
             req = p.request
             try:
                 p.jobs = self.batcher.make_jobs(
-                    p, seeds=p.seeds, height=req.height, width=req.width, steps=req.steps,
+                    p,
+                    seeds=p.seeds,
+                    height=req.height,
+                    width=req.width,
+                    steps=req.steps,
                     guidance_scale=float(req.guidance_scale),
                     make_scheduler=lambda s=p.sampler: samplers.make_scheduler(
                         s, self.pipe.scheduler.config
                     ),
-                    embeds=embeds, row=row, unet_mixture=p.unet, arrival=p.arrival, eta=req.eta,
-                )  # fmt: skip
+                    embeds=embeds,
+                    row=row,
+                    unet_mixture=p.unet,
+                    arrival=p.arrival,
+                    eta=req.eta,
+                )
             except Exception as exc:  # noqa: BLE001
                 self._remove_active(p)
                 self._answer(p, error=exc)

@@ -153,46 +153,141 @@ def _fused_multi_lora_kernel(
     # with scalar loads) instead of being kept alive across the K loop: registers, not loads,
     # limit these tiles (see the AOT table).
     a_ptrs, mask_r, packed = _a_block(
-        offs_r, entry_begin, entry_end, entry_slot_ptr, slot_start_ptr, slot_rank_ptr,
-        max_entries, max_rank, num_slots, bank_rows, lora_a_ptr, stride_ar, stride_ak, BLOCK_K,
-    )  # fmt: skip
+        offs_r,
+        entry_begin,
+        entry_end,
+        entry_slot_ptr,
+        slot_start_ptr,
+        slot_rank_ptr,
+        max_entries,
+        max_rank,
+        num_slots,
+        bank_rows,
+        lora_a_ptr,
+        stride_ar,
+        stride_ak,
+        BLOCK_K,
+    )
     if packed > 0:
         acc, t = _k_loop(
-            x_ptrs, w_ptrs, a_ptrs, mask_m, mask_n, mask_r, K, stride_xk, stride_wk,
-            stride_ak, acc, t, True, BLOCK_K, INPUT_PRECISION, UPCAST,
-        )  # fmt: skip
+            x_ptrs,
+            w_ptrs,
+            a_ptrs,
+            mask_m,
+            mask_n,
+            mask_r,
+            K,
+            stride_xk,
+            stride_wk,
+            stride_ak,
+            acc,
+            t,
+            True,
+            BLOCK_K,
+            INPUT_PRECISION,
+            UPCAST,
+        )
         acc = _expand_cols(
-            acc, t, offs_r, entry_begin, entry_end, entry_slot_ptr, entry_weight_ptr,
-            slot_start_ptr, slot_rank_ptr, slot_scale_ptr, max_entries, max_rank, num_slots,
-            bank_rows, lora_bt_ptr, stride_btr, stride_btn, offs_n, mask_n, INPUT_PRECISION,
-            UPCAST, SPLIT_T,
-        )  # fmt: skip
+            acc,
+            t,
+            offs_r,
+            entry_begin,
+            entry_end,
+            entry_slot_ptr,
+            entry_weight_ptr,
+            slot_start_ptr,
+            slot_rank_ptr,
+            slot_scale_ptr,
+            max_entries,
+            max_rank,
+            num_slots,
+            bank_rows,
+            lora_bt_ptr,
+            stride_btr,
+            stride_btn,
+            offs_n,
+            mask_n,
+            INPUT_PRECISION,
+            UPCAST,
+            SPLIT_T,
+        )
         # Further rank blocks (summed rank > BLOCK_R): each re-walks K for its shrink only.
         # Compiled only when the capacity needs it (MULTI_BLOCK): the extra loop costs
         # registers even when it never runs (sm_80 spills without the split).
         if MULTI_BLOCK:
             for r0 in range(BLOCK_R, packed, BLOCK_R):
                 a_ptrs, mask_r, _ = _a_block(
-                    r0 + offs_r, entry_begin, entry_end, entry_slot_ptr, slot_start_ptr,
-                    slot_rank_ptr, max_entries, max_rank, num_slots, bank_rows, lora_a_ptr,
-                    stride_ar, stride_ak, BLOCK_K,
-                )  # fmt: skip
+                    r0 + offs_r,
+                    entry_begin,
+                    entry_end,
+                    entry_slot_ptr,
+                    slot_start_ptr,
+                    slot_rank_ptr,
+                    max_entries,
+                    max_rank,
+                    num_slots,
+                    bank_rows,
+                    lora_a_ptr,
+                    stride_ar,
+                    stride_ak,
+                    BLOCK_K,
+                )
                 t = _shrink_only_loop(
-                    x_ptrs, a_ptrs, mask_m, mask_r, K, stride_xk, stride_ak,
-                    tl.zeros((BLOCK_M, BLOCK_R), tl.float32), BLOCK_K, INPUT_PRECISION, UPCAST,
-                )  # fmt: skip
+                    x_ptrs,
+                    a_ptrs,
+                    mask_m,
+                    mask_r,
+                    K,
+                    stride_xk,
+                    stride_ak,
+                    tl.zeros((BLOCK_M, BLOCK_R), tl.float32),
+                    BLOCK_K,
+                    INPUT_PRECISION,
+                    UPCAST,
+                )
                 acc = _expand_cols(
-                    acc, t, r0 + offs_r, entry_begin, entry_end, entry_slot_ptr,
-                    entry_weight_ptr, slot_start_ptr, slot_rank_ptr, slot_scale_ptr, max_entries,
-                    max_rank, num_slots, bank_rows, lora_bt_ptr, stride_btr, stride_btn, offs_n,
+                    acc,
+                    t,
+                    r0 + offs_r,
+                    entry_begin,
+                    entry_end,
+                    entry_slot_ptr,
+                    entry_weight_ptr,
+                    slot_start_ptr,
+                    slot_rank_ptr,
+                    slot_scale_ptr,
+                    max_entries,
+                    max_rank,
+                    num_slots,
+                    bank_rows,
+                    lora_bt_ptr,
+                    stride_btr,
+                    stride_btn,
+                    offs_n,
                     mask_n,
-                    INPUT_PRECISION, UPCAST, SPLIT_T,
-                )  # fmt: skip
+                    INPUT_PRECISION,
+                    UPCAST,
+                    SPLIT_T,
+                )
     else:
         acc, t = _k_loop(
-            x_ptrs, w_ptrs, x_ptrs, mask_m, mask_n, mask_n, K, stride_xk, stride_wk,
-            stride_xk, acc, t, False, BLOCK_K, INPUT_PRECISION, UPCAST,
-        )  # fmt: skip
+            x_ptrs,
+            w_ptrs,
+            x_ptrs,
+            mask_m,
+            mask_n,
+            mask_n,
+            K,
+            stride_xk,
+            stride_wk,
+            stride_xk,
+            acc,
+            t,
+            False,
+            BLOCK_K,
+            INPUT_PRECISION,
+            UPCAST,
+        )
 
     if bias_ptr is not None:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
@@ -246,9 +341,19 @@ def _a_block(
 ):
     """Pointers ``[BLOCK_K, BLOCK_R]`` to the gathered A rows of packed columns ``cols``."""
     bank_row, t_col, coef, packed = _rank_columns(
-        cols, entry_begin, entry_end, entry_slot_ptr, None, slot_start_ptr, slot_rank_ptr,
-        None, max_entries, max_rank, num_slots, bank_rows,
-    )  # fmt: skip
+        cols,
+        entry_begin,
+        entry_end,
+        entry_slot_ptr,
+        None,
+        slot_start_ptr,
+        slot_rank_ptr,
+        None,
+        max_entries,
+        max_rank,
+        num_slots,
+        bank_rows,
+    )
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = lora_a_ptr + bank_row.to(tl.int64)[None, :] * stride_ar
     a_ptrs += offs_k[:, None] * stride_ak
@@ -282,9 +387,19 @@ def _expand_cols(
 ):
     """``acc += (t * coef) @ Bt[bank rows of cols]`` for one block of packed columns."""
     bank_row, t_col, coef, packed = _rank_columns(
-        cols, entry_begin, entry_end, entry_slot_ptr, entry_weight_ptr, slot_start_ptr,
-        slot_rank_ptr, slot_scale_ptr, max_entries, max_rank, num_slots, bank_rows,
-    )  # fmt: skip
+        cols,
+        entry_begin,
+        entry_end,
+        entry_slot_ptr,
+        entry_weight_ptr,
+        slot_start_ptr,
+        slot_rank_ptr,
+        slot_scale_ptr,
+        max_entries,
+        max_rank,
+        num_slots,
+        bank_rows,
+    )
     bt_ptrs = lora_bt_ptr + bank_row.to(tl.int64)[:, None] * stride_btr
     bt_ptrs += offs_n.to(tl.int64)[None, :] * stride_btn
     mask = (cols < packed)[:, None] & mask_n[None, :]

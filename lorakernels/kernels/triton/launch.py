@@ -305,13 +305,37 @@ def plan_fused(
         )
     grid = _row_tiles(m, s, config.block_m) * _cdiv(n, config.block_n)
     args = (
-        x, weight, bias, lora_a, lora_bt, slot_start, slot_rank, slot_scale,
-        row_ptr, entry_ptr, entry_slot, entry_weight, y,
-        n, k, s, meta.max_entries, meta.max_rank, slot_rank.numel(), lora_a.shape[0],
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        lora_a.stride(0), lora_a.stride(1), lora_bt.stride(0), lora_bt.stride(1),
-        y.stride(0), y.stride(1),
-    )  # fmt: skip
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_bt,
+        slot_start,
+        slot_rank,
+        slot_scale,
+        row_ptr,
+        entry_ptr,
+        entry_slot,
+        entry_weight,
+        y,
+        n,
+        k,
+        s,
+        meta.max_entries,
+        meta.max_rank,
+        slot_rank.numel(),
+        lora_a.shape[0],
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_bt.stride(0),
+        lora_bt.stride(1),
+        y.stride(0),
+        y.stride(1),
+    )
     consts = {
         "BLOCK_M": config.block_m,
         "BLOCK_N": config.block_n,
@@ -359,11 +383,30 @@ def plan_shrink(
     k_blocks_per_split = max(1, _cdiv(_cdiv(k, config.block_k), split_k))
     grid = _row_tiles(m, s, config.block_m) * n_rank_blocks * split_k
     args = (
-        x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, t,
-        k, s, meta.max_entries, meta.max_rank, slot_rank.numel(), lora_a.shape[0],
-        n_rank_blocks, split_k, k_blocks_per_split,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), t.stride(0), t.stride(1),
-    )  # fmt: skip
+        x,
+        lora_a,
+        slot_start,
+        slot_rank,
+        row_ptr,
+        entry_ptr,
+        entry_slot,
+        t,
+        k,
+        s,
+        meta.max_entries,
+        meta.max_rank,
+        slot_rank.numel(),
+        lora_a.shape[0],
+        n_rank_blocks,
+        split_k,
+        k_blocks_per_split,
+        x.stride(0),
+        x.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        t.stride(0),
+        t.stride(1),
+    )
     consts = {
         "BLOCK_M": config.block_m,
         "BLOCK_K": config.block_k,
@@ -404,10 +447,29 @@ def plan_expand(
         return launch
     grid = _row_tiles(m, s, config.block_m) * _cdiv(n, config.block_n)
     args = (
-        y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
-        entry_weight, n, s, meta.max_entries, meta.max_rank, slot_rank.numel(), lora_bt.shape[0],
-        y.stride(0), y.stride(1), t.stride(0), t.stride(1), lora_bt.stride(0), lora_bt.stride(1),
-    )  # fmt: skip
+        y,
+        t,
+        lora_bt,
+        slot_start,
+        slot_rank,
+        slot_scale,
+        row_ptr,
+        entry_ptr,
+        entry_slot,
+        entry_weight,
+        n,
+        s,
+        meta.max_entries,
+        meta.max_rank,
+        slot_rank.numel(),
+        lora_bt.shape[0],
+        y.stride(0),
+        y.stride(1),
+        t.stride(0),
+        t.stride(1),
+        lora_bt.stride(0),
+        lora_bt.stride(1),
+    )
     consts = {
         "BLOCK_M": config.block_m,
         "BLOCK_N": config.block_n,
@@ -430,11 +492,18 @@ def choose_plan(
     m, k = x.shape
     n = weight.shape[0]
     return dispatch.choose(
-        m, n, k, meta.max_rows, meta.max_entries, meta.max_rank, _dtype_name(x),
-        arch=_arch(x.device) if arch is None else arch, sm_count=_sm_count(x.device),
+        m,
+        n,
+        k,
+        meta.max_rows,
+        meta.max_entries,
+        meta.max_rank,
+        _dtype_name(x),
+        arch=_arch(x.device) if arch is None else arch,
+        sm_count=_sm_count(x.device),
         machine=_machine(x.device),
         aligned=k % 16 == 0 and n % 16 == 0 and _is_canonical(weight),
-    )  # fmt: skip
+    )
 
 
 def plan_multi_lora_linear(
@@ -461,12 +530,21 @@ def plan_multi_lora_linear(
     _check_meta(meta)
     _check(
         x,
-        {"weight": weight, "bias": bias, "lora_a": lora_a, "lora_bt": lora_bt,
-         "slot_start": slot_start, "slot_rank": slot_rank, "slot_scale": slot_scale,
-         "row_ptr": row_ptr, "entry_ptr": entry_ptr, "entry_slot": entry_slot,
-         "entry_weight": entry_weight},
+        {
+            "weight": weight,
+            "bias": bias,
+            "lora_a": lora_a,
+            "lora_bt": lora_bt,
+            "slot_start": slot_start,
+            "slot_rank": slot_rank,
+            "slot_scale": slot_scale,
+            "row_ptr": row_ptr,
+            "entry_ptr": entry_ptr,
+            "entry_slot": entry_slot,
+            "entry_weight": entry_weight,
+        },
         _INDEX_DTYPES,
-    )  # fmt: skip
+    )
     _dtype_name(x)  # TypeError naming x for other dtypes
     copies: list[tuple[Tensor, Tensor]] = []
     x, lora_a, lora_bt = canonical(x, copies), canonical(lora_a, copies), canonical(lora_bt, copies)
@@ -477,9 +555,21 @@ def plan_multi_lora_linear(
         plan = choose_plan(x, weight, meta)
     if plan.path == "fused":
         fused = plan_fused(
-            x, weight, bias, lora_a, lora_bt, slot_start, slot_rank, slot_scale,
-            row_ptr, entry_ptr, entry_slot, entry_weight, meta, plan.fused,
-        )  # fmt: skip
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_bt,
+            slot_start,
+            slot_rank,
+            slot_scale,
+            row_ptr,
+            entry_ptr,
+            entry_slot,
+            entry_weight,
+            meta,
+            plan.fused,
+        )
         return _prepend_copies(fused, copies)
     if plan.path != "pair":
         raise ValueError(f"plan.path must be 'fused' or 'pair', got {plan.path!r}")
@@ -492,13 +582,31 @@ def plan_multi_lora_linear(
         launch.steps.append(functools.partial(torch.addmm, bias, x, weight.T, out=y))
     launch.records.append({"kernel": "base_gemm"})
     shrink = plan_shrink(
-        x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, meta,
-        plan.shrink, plan.split_k,
-    )  # fmt: skip
+        x,
+        lora_a,
+        slot_start,
+        slot_rank,
+        row_ptr,
+        entry_ptr,
+        entry_slot,
+        meta,
+        plan.shrink,
+        plan.split_k,
+    )
     expand = plan_expand(
-        y, shrink.out, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr,
-        entry_slot, entry_weight, meta, plan.expand,
-    )  # fmt: skip
+        y,
+        shrink.out,
+        lora_bt,
+        slot_start,
+        slot_rank,
+        slot_scale,
+        row_ptr,
+        entry_ptr,
+        entry_slot,
+        entry_weight,
+        meta,
+        plan.expand,
+    )
     for part in (shrink, expand):
         launch.steps += part.steps
         launch.records += part.records
@@ -521,10 +629,16 @@ def plan_lora_shrink(
     _check_meta(meta)
     _check(
         x,
-        {"lora_a": lora_a, "slot_start": slot_start, "slot_rank": slot_rank,
-         "row_ptr": row_ptr, "entry_ptr": entry_ptr, "entry_slot": entry_slot},
+        {
+            "lora_a": lora_a,
+            "slot_start": slot_start,
+            "slot_rank": slot_rank,
+            "row_ptr": row_ptr,
+            "entry_ptr": entry_ptr,
+            "entry_slot": entry_slot,
+        },
         _INDEX_DTYPES,
-    )  # fmt: skip
+    )
     copies: list[tuple[Tensor, Tensor]] = []
     x, lora_a = canonical(x, copies), canonical(lora_a, copies)
     m, k = x.shape
@@ -535,11 +649,19 @@ def plan_lora_shrink(
         config = dispatch.shrink_config(r_cap, _dtype_name(x), arch=_arch(x.device))
     return _prepend_copies(
         plan_shrink(
-            x, lora_a, slot_start, slot_rank, row_ptr, entry_ptr, entry_slot, meta, config,
+            x,
+            lora_a,
+            slot_start,
+            slot_rank,
+            row_ptr,
+            entry_ptr,
+            entry_slot,
+            meta,
+            config,
             split_k,
         ),
         copies,
-    )  # fmt: skip
+    )
 
 
 def plan_lora_expand(
@@ -565,19 +687,37 @@ def plan_lora_expand(
         )
     _check(
         y,
-        {"t": t, "lora_bt": lora_bt, "slot_start": slot_start, "slot_rank": slot_rank,
-         "slot_scale": slot_scale, "row_ptr": row_ptr, "entry_ptr": entry_ptr,
-         "entry_slot": entry_slot, "entry_weight": entry_weight},
+        {
+            "t": t,
+            "lora_bt": lora_bt,
+            "slot_start": slot_start,
+            "slot_rank": slot_rank,
+            "slot_scale": slot_scale,
+            "row_ptr": row_ptr,
+            "entry_ptr": entry_ptr,
+            "entry_slot": entry_slot,
+            "entry_weight": entry_weight,
+        },
         _INDEX_DTYPES,
-    )  # fmt: skip
+    )
     copies: list[tuple[Tensor, Tensor]] = []
     lora_bt, t = canonical(lora_bt, copies), _canonical_t(t, copies)
     if config is None:
         config = dispatch.expand_config(y.shape[1], _dtype_name(y, "y"), arch=_arch(y.device))
     expand = plan_expand(
-        y, t, lora_bt, slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot,
-        entry_weight, meta, config,
-    )  # fmt: skip
+        y,
+        t,
+        lora_bt,
+        slot_start,
+        slot_rank,
+        slot_scale,
+        row_ptr,
+        entry_ptr,
+        entry_slot,
+        entry_weight,
+        meta,
+        config,
+    )
     return _prepend_copies(expand, copies)
 
 
@@ -612,12 +752,24 @@ def plan_fused_segmented(
     _check_meta(meta)
     _check(
         x,
-        {"weight": weight, "merged": merged, "seg_weight": seg_weight, "seg_lora": seg_lora,
-         "bias": bias, "lora_a": lora_a, "lora_bt": lora_bt, "slot_start": slot_start,
-         "slot_rank": slot_rank, "slot_scale": slot_scale, "row_ptr": row_ptr,
-         "entry_ptr": entry_ptr, "entry_slot": entry_slot, "entry_weight": entry_weight},
+        {
+            "weight": weight,
+            "merged": merged,
+            "seg_weight": seg_weight,
+            "seg_lora": seg_lora,
+            "bias": bias,
+            "lora_a": lora_a,
+            "lora_bt": lora_bt,
+            "slot_start": slot_start,
+            "slot_rank": slot_rank,
+            "slot_scale": slot_scale,
+            "row_ptr": row_ptr,
+            "entry_ptr": entry_ptr,
+            "entry_slot": entry_slot,
+            "entry_weight": entry_weight,
+        },
         {**_INDEX_DTYPES, "seg_weight": torch.int32, "seg_lora": torch.int32},
-    )  # fmt: skip
+    )
     dtype = _dtype_name(x)
     if dtype == "float32":
         raise TypeError(
@@ -657,13 +809,42 @@ def plan_fused_segmented(
         return launch
     grid = _row_tiles(m, s, config.block_m) * _cdiv(n, config.block_n)
     args = (
-        x, weight, merged, seg_weight, seg_lora, bias, lora_a, lora_bt, slot_start, slot_rank,
-        slot_scale, row_ptr, entry_ptr, entry_slot, entry_weight, y,
-        n, k, s, merged.shape[0], meta.max_entries, meta.max_rank, slot_rank.numel(),
-        lora_a.shape[0], x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        n * k, lora_a.stride(0), lora_a.stride(1), lora_bt.stride(0), lora_bt.stride(1),
-        y.stride(0), y.stride(1),
-    )  # fmt: skip
+        x,
+        weight,
+        merged,
+        seg_weight,
+        seg_lora,
+        bias,
+        lora_a,
+        lora_bt,
+        slot_start,
+        slot_rank,
+        slot_scale,
+        row_ptr,
+        entry_ptr,
+        entry_slot,
+        entry_weight,
+        y,
+        n,
+        k,
+        s,
+        merged.shape[0],
+        meta.max_entries,
+        meta.max_rank,
+        slot_rank.numel(),
+        lora_a.shape[0],
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        n * k,
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_bt.stride(0),
+        lora_bt.stride(1),
+        y.stride(0),
+        y.stride(1),
+    )
     consts = {
         "BLOCK_M": config.block_m,
         "BLOCK_N": config.block_n,

@@ -104,53 +104,151 @@ def _fused_segmented_kernel(
     # 16-byte aligned and share strides, so the loads keep their vector width.
     g = tl.load(seg_weight_ptr + sample)
     use_merged = (g >= 0) & (g < G)
-    w_base = tl.where(use_merged, merged_ptr + tl.where(use_merged, g, 0).to(tl.int64) * stride_mg,
-                      weight_ptr)  # fmt: skip
+    w_base = tl.where(
+        use_merged, merged_ptr + tl.where(use_merged, g, 0).to(tl.int64) * stride_mg, weight_ptr
+    )
     w_ptrs = w_base + cols64[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
     entry_begin = tl.load(entry_ptr_ptr + sample)
     # A merged group's LoRA is inside its weight: an empty entry range skips the LoRA work.
-    entry_end = tl.where(tl.load(seg_lora_ptr + sample) != 0,
-                         tl.load(entry_ptr_ptr + sample + 1), entry_begin)  # fmt: skip
+    entry_end = tl.where(
+        tl.load(seg_lora_ptr + sample) != 0, tl.load(entry_ptr_ptr + sample + 1), entry_begin
+    )
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
     a_ptrs, mask_r, packed = _a_block(
-        offs_r, entry_begin, entry_end, entry_slot_ptr, slot_start_ptr, slot_rank_ptr,
-        max_entries, max_rank, num_slots, bank_rows, lora_a_ptr, stride_ar, stride_ak, BLOCK_K,
-    )  # fmt: skip
+        offs_r,
+        entry_begin,
+        entry_end,
+        entry_slot_ptr,
+        slot_start_ptr,
+        slot_rank_ptr,
+        max_entries,
+        max_rank,
+        num_slots,
+        bank_rows,
+        lora_a_ptr,
+        stride_ar,
+        stride_ak,
+        BLOCK_K,
+    )
     if packed > 0:
         acc, t = _k_loop(
-            x_ptrs, w_ptrs, a_ptrs, mask_m, mask_n, mask_r, K, stride_xk, stride_wk,
-            stride_ak, acc, t, True, BLOCK_K, INPUT_PRECISION, UPCAST,
-        )  # fmt: skip
+            x_ptrs,
+            w_ptrs,
+            a_ptrs,
+            mask_m,
+            mask_n,
+            mask_r,
+            K,
+            stride_xk,
+            stride_wk,
+            stride_ak,
+            acc,
+            t,
+            True,
+            BLOCK_K,
+            INPUT_PRECISION,
+            UPCAST,
+        )
         acc = _expand_cols(
-            acc, t, offs_r, entry_begin, entry_end, entry_slot_ptr, entry_weight_ptr,
-            slot_start_ptr, slot_rank_ptr, slot_scale_ptr, max_entries, max_rank, num_slots,
-            bank_rows, lora_bt_ptr, stride_btr, stride_btn, offs_n, mask_n, INPUT_PRECISION,
-            UPCAST, SPLIT_T,
-        )  # fmt: skip
+            acc,
+            t,
+            offs_r,
+            entry_begin,
+            entry_end,
+            entry_slot_ptr,
+            entry_weight_ptr,
+            slot_start_ptr,
+            slot_rank_ptr,
+            slot_scale_ptr,
+            max_entries,
+            max_rank,
+            num_slots,
+            bank_rows,
+            lora_bt_ptr,
+            stride_btr,
+            stride_btn,
+            offs_n,
+            mask_n,
+            INPUT_PRECISION,
+            UPCAST,
+            SPLIT_T,
+        )
         if MULTI_BLOCK:
             for r0 in range(BLOCK_R, packed, BLOCK_R):
                 a_ptrs, mask_r, _ = _a_block(
-                    r0 + offs_r, entry_begin, entry_end, entry_slot_ptr, slot_start_ptr,
-                    slot_rank_ptr, max_entries, max_rank, num_slots, bank_rows, lora_a_ptr,
-                    stride_ar, stride_ak, BLOCK_K,
-                )  # fmt: skip
+                    r0 + offs_r,
+                    entry_begin,
+                    entry_end,
+                    entry_slot_ptr,
+                    slot_start_ptr,
+                    slot_rank_ptr,
+                    max_entries,
+                    max_rank,
+                    num_slots,
+                    bank_rows,
+                    lora_a_ptr,
+                    stride_ar,
+                    stride_ak,
+                    BLOCK_K,
+                )
                 t = _shrink_only_loop(
-                    x_ptrs, a_ptrs, mask_m, mask_r, K, stride_xk, stride_ak,
-                    tl.zeros((BLOCK_M, BLOCK_R), tl.float32), BLOCK_K, INPUT_PRECISION, UPCAST,
-                )  # fmt: skip
+                    x_ptrs,
+                    a_ptrs,
+                    mask_m,
+                    mask_r,
+                    K,
+                    stride_xk,
+                    stride_ak,
+                    tl.zeros((BLOCK_M, BLOCK_R), tl.float32),
+                    BLOCK_K,
+                    INPUT_PRECISION,
+                    UPCAST,
+                )
                 acc = _expand_cols(
-                    acc, t, r0 + offs_r, entry_begin, entry_end, entry_slot_ptr,
-                    entry_weight_ptr, slot_start_ptr, slot_rank_ptr, slot_scale_ptr, max_entries,
-                    max_rank, num_slots, bank_rows, lora_bt_ptr, stride_btr, stride_btn, offs_n,
-                    mask_n, INPUT_PRECISION, UPCAST, SPLIT_T,
-                )  # fmt: skip
+                    acc,
+                    t,
+                    r0 + offs_r,
+                    entry_begin,
+                    entry_end,
+                    entry_slot_ptr,
+                    entry_weight_ptr,
+                    slot_start_ptr,
+                    slot_rank_ptr,
+                    slot_scale_ptr,
+                    max_entries,
+                    max_rank,
+                    num_slots,
+                    bank_rows,
+                    lora_bt_ptr,
+                    stride_btr,
+                    stride_btn,
+                    offs_n,
+                    mask_n,
+                    INPUT_PRECISION,
+                    UPCAST,
+                    SPLIT_T,
+                )
     else:
         acc, t = _k_loop(
-            x_ptrs, w_ptrs, x_ptrs, mask_m, mask_n, mask_n, K, stride_xk, stride_wk,
-            stride_xk, acc, t, False, BLOCK_K, INPUT_PRECISION, UPCAST,
-        )  # fmt: skip
+            x_ptrs,
+            w_ptrs,
+            x_ptrs,
+            mask_m,
+            mask_n,
+            mask_n,
+            K,
+            stride_xk,
+            stride_wk,
+            stride_xk,
+            acc,
+            t,
+            False,
+            BLOCK_K,
+            INPUT_PRECISION,
+            UPCAST,
+        )
 
     if bias_ptr is not None:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)

@@ -227,9 +227,15 @@ def _lora_expand_kernel(
         bt_ptrs = lora_bt_ptr + bank_row.to(tl.int64)[:, None] * stride_btr
         bt_ptrs += cols64[None, :] * stride_btn
         acc = _expand_block(
-            acc, t, coef, bt_ptrs, mask_r[:, None] & mask_n[None, :],
-            INPUT_PRECISION, UPCAST, SPLIT_T,
-        )  # fmt: skip
+            acc,
+            t,
+            coef,
+            bt_ptrs,
+            mask_r[:, None] & mask_n[None, :],
+            INPUT_PRECISION,
+            UPCAST,
+            SPLIT_T,
+        )
 
     y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols64[None, :] * stride_yn
     mask = mask_m[:, None] & mask_n[None, :]
