@@ -71,9 +71,14 @@ def test_manager_adapter_without_weights_in_a_layer_is_rank_zero_there():
         model(x)  # each adapter is absent from one layer: no error
     with pytest.raises(KeyError, match="slot 7"), mlora.use([{7: 1.0}, {}]):
         pass
-    # a batch of bare slot ids: legal in every layer once bound to the manager's table
+    # a batch of bare slot ids: straight to the op, a layer where the slot is not resident
+    # cannot tell "no weights here" from "no adapter" and refuses it ...
     bare = lk.LoRABatch.from_mixtures([{mlora.slots["a"]: 1.0}, {}])
-    with pytest.raises(ValueError, match="holds no adapter"), mlora.use(bare):
+    layer1 = model[1]
+    with pytest.raises(ValueError, match="holds no adapter"):
+        lk.multi_lora_linear(x, layer1.weight, layer1.bias, layer1.lora_bank, bare)
+    # ... through the manager the batch is bound to its table: legal in every layer
+    with mlora.use(bare):
         model(x)
     with mlora.use(bare.bind_slots(mlora.slots.values())):
         model(x)
@@ -205,3 +210,27 @@ def test_output_cache_sees_bank_and_weight_changes():
     with torch.no_grad():
         layer.weight.mul_(2)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias) + (x @ a2.T) @ b2.T)
+
+
+def test_ready_batch_through_the_manager_allows_layers_without_the_adapter():
+    """A bare-slot-id batch given to ``MultiLoRA.use``: adapter ``b`` has no weights in layer
+    0 (rank 0 there, legal), ``a`` none in layer 1; an unknown slot id still raises."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    mlora = lk.MultiLoRA(model, targets=["0", "1"])
+    mlora.load("a", {"0": (torch.randn(2, 8), torch.randn(8, 2), 2.0)})
+    mlora.load("b", {"1": (torch.randn(2, 8), torch.randn(8, 2), 2.0)})
+    x = torch.randn(2, 3, 8)
+    mixes = [{"a": 1.0}, {"b": 0.5}]
+    with mlora.use(mixes):
+        want = model(x)
+    batch = lk.LoRABatch.from_mixtures([{mlora.slots[n]: w for n, w in m.items()} for m in mixes])
+    with mlora.use(batch):
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    bad = lk.LoRABatch.from_mixtures([{7: 1.0}, {}])
+    with pytest.raises(KeyError, match=r"slot ids \[7\]"):
+        with mlora.use(bad):
+            pass
