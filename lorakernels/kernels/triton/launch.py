@@ -306,17 +306,15 @@ def _check_fused_capacity(config: dispatch.FusedConfig, meta: LaunchMeta) -> Non
         )
 
 
-def _fused_consts(config: dispatch.FusedConfig, dtype: str, split_t: bool) -> dict:
-    return {
-        "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n,
-        "BLOCK_K": config.block_k,
-        "BLOCK_R": config.block_r,
-        "BLOCK_S": _BLOCK_S,
-        "MULTI_BLOCK": config.multi_block,
-        "SPLIT_T": split_t,
-        **_numerics(dtype, interpreting()),
+def _consts(config, dtype: str, **flags: bool) -> dict:
+    """A kernel's compile-time constants: the ``block_*`` sizes ``config`` has (``BLOCK_M``,
+    ``BLOCK_N``, ``BLOCK_K``, ``BLOCK_R``), ``BLOCK_S``, ``flags`` and the numerics switches."""
+    blocks = {
+        f"BLOCK_{axis.upper()}": getattr(config, f"block_{axis}")
+        for axis in "mnkr"
+        if hasattr(config, f"block_{axis}")
     }
+    return {**blocks, "BLOCK_S": _BLOCK_S, **flags, **_numerics(dtype, interpreting())}
 
 
 def _opts(config) -> dict:
@@ -352,7 +350,7 @@ def plan_fused(
         *(*x.stride(), *weight.stride(), *bank.lora_a.stride(), *bank.lora_bt.stride()),
         *y.stride(),
     )
-    consts = _fused_consts(config, dtype, split_t=dtype != "float32")
+    consts = _consts(config, dtype, MULTI_BLOCK=config.multi_block, SPLIT_T=dtype != "float32")
     _add_kernel(launch, _fused_multi_lora_kernel, grid, args, consts, _opts(config))
     return launch
 
@@ -383,13 +381,7 @@ def plan_shrink(x: Tensor, lora: LoRAArgs, config: dispatch.ShrinkConfig, split_
         *(k, s, *_capacities(lora, bank.lora_a), n_rank_blocks, split_k, k_blocks_per_split),
         *(*x.stride(), *bank.lora_a.stride(), *t.stride()),
     )
-    consts = {
-        "BLOCK_M": config.block_m,
-        "BLOCK_K": config.block_k,
-        "BLOCK_R": config.block_r,
-        "BLOCK_S": _BLOCK_S,
-        **_numerics(dtype, interpreting()),
-    }
+    consts = _consts(config, dtype)
     _add_kernel(launch, _lora_shrink_kernel, grid, args, consts, _opts(config))
     return launch
 
@@ -414,14 +406,7 @@ def plan_expand(y: Tensor, t: Tensor, lora: LoRAArgs, config: dispatch.ExpandCon
         *(n, s, *_capacities(lora, bank.lora_bt)),
         *(*y.stride(), *t.stride(), *bank.lora_bt.stride()),
     )
-    consts = {
-        "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n,
-        "BLOCK_R": config.block_r,
-        "BLOCK_S": _BLOCK_S,
-        "SPLIT_T": dtype != "float32",
-        **_numerics(dtype, interpreting()),
-    }
+    consts = _consts(config, dtype, SPLIT_T=dtype != "float32")
     _add_kernel(launch, _lora_expand_kernel, grid, args, consts, _opts(config))
     return launch
 
@@ -602,6 +587,6 @@ def plan_fused_segmented(
         *(*x.stride(), *weight.stride(), n * k, *bank.lora_a.stride(), *bank.lora_bt.stride()),
         *y.stride(),
     )
-    consts = _fused_consts(config, dtype, split_t=True)
+    consts = _consts(config, dtype, MULTI_BLOCK=config.multi_block, SPLIT_T=True)
     _add_kernel(launch, _fused_segmented_kernel, grid, args, consts, _opts(config))
     return _prepend_copies(launch, copies)
