@@ -150,8 +150,10 @@ def _nvcc_env(nvcc: str) -> dict[str, str]:
         src.write_text("int main() { return 0; }\n")
         proc = subprocess.run(
             [nvcc, "-dryrun", "-c", str(src), "-o", str(Path(tmp) / "probe.o")],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     env: dict[str, str] = {}
     for line in (proc.stdout + proc.stderr).splitlines():
         if m := re.match(r"#\$ (\w+)=(.*)$", line.strip()):
@@ -355,9 +357,14 @@ def build_emulator(out_dir: str | os.PathLike[str], nvcc: str | None = None) -> 
         Path(out_dir) / "lk_emulate",
         nvcc,
         ["emulate/emulate_main.cpp", "emulate/emulate_lib.cpp"],
-        ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-         "-fno-sanitize-recover=undefined"],
-    )  # fmt: skip
+        [
+            "-O1",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=undefined",
+        ],
+    )
 
 
 def build_emulated_library(out_dir: str | os.PathLike[str], nvcc: str | None = None) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ from torch import Tensor, nn
 from .bank import LoRABank
 from .batch import LoRABatch
 from .ops import multi_lora_conv2d, multi_lora_linear
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 class _Conflict:
@@ -113,6 +116,16 @@ def _active(ctx: LoRAContext | None, bank: LoRABank) -> LoRABatch | None:
     return ctx.batch
 
 
+def _bare(cls: type[_M], layer: nn.Module, base: type[nn.Module], method: str) -> _M:
+    """A new ``cls`` with only ``nn.Module.__init__`` run, for ``method`` to fill from
+    ``layer``; TypeError naming ``method`` unless ``layer`` is a ``base``."""
+    if not isinstance(layer, base):
+        raise TypeError(f"{method} expects an nn.{base.__name__}, got {type(layer).__name__}")
+    self = cls.__new__(cls)
+    nn.Module.__init__(self)
+    return self
+
+
 class MultiLoRALinear(nn.Linear):
     """``nn.Linear`` plus per-sample LoRA mixtures; build with :meth:`from_linear`."""
 
@@ -121,10 +134,7 @@ class MultiLoRALinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, context: LoRAContext | None = None) -> MultiLoRALinear:
         """Wrap ``linear`` in place: the new layer shares its parameters (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
+        self = _bare(cls, linear, nn.Linear, "from_linear")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
@@ -202,10 +212,7 @@ class MultiLoRAConv2d(nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, context: LoRAContext | None = None) -> MultiLoRAConv2d:
         """Wrap ``conv`` in place: the new layer shares its parameters (no copy)."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
+        self = _bare(cls, conv, nn.Conv2d, "from_conv")
         for name in _CONV_FIELDS:
             setattr(self, name, getattr(conv, name))
         self.weight = conv.weight

@@ -87,11 +87,8 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed calls with backend ``name`` unless a call passes ``backend=``."""
-    token = _backend_stack.set((*_backend_stack.get(), _check_name(name, "use_backend")))
-    try:
+    with _plan.scoped(_backend_stack, (*_backend_stack.get(), _check_name(name, "use_backend"))):
         yield
-    finally:
-        _backend_stack.reset(token)
 
 
 @torch.compiler.assume_constant_result

@@ -76,13 +76,21 @@ def _check_plan(name: str, source: str) -> str:
 
 
 @contextlib.contextmanager
-def use_plan(name: str) -> Iterator[None]:
-    """Run the enclosed layer calls with plan ``name`` unless a call passes ``plan=``."""
-    token = _context_plan.set((*_context_plan.get(), _check_plan(name, "use_plan")))
+def scoped(var: contextvars.ContextVar, value: object) -> Iterator[None]:
+    """``var`` set to ``value`` in the enclosed block, reset on the way out (also on error):
+    the scoping of :func:`use_plan`, :func:`call_plan` and ``ops.use_backend``."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _context_plan.reset(token)
+        var.reset(token)
+
+
+@contextlib.contextmanager
+def use_plan(name: str) -> Iterator[None]:
+    """Run the enclosed layer calls with plan ``name`` unless a call passes ``plan=``."""
+    with scoped(_context_plan, (*_context_plan.get(), _check_plan(name, "use_plan"))):
+        yield
 
 
 @contextlib.contextmanager
@@ -91,11 +99,8 @@ def call_plan(name: str | None) -> Iterator[None]:
     if name is None:
         yield
         return
-    token = _call_plan.set(_check_plan(name, "plan="))
-    try:
+    with scoped(_call_plan, _check_plan(name, "plan=")):
         yield
-    finally:
-        _call_plan.reset(token)
 
 
 def resolve_plan() -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gpu_common import NO_CUDA, to_device
-from test_triton_interpret import assert_close, forced_plan, make_case
+from test_triton_interpret import assert_close, bundled, forced_plan, make_case
 
 from lorakernels import MultiLoRA
 from lorakernels.kernels.triton import launch
@@ -30,7 +30,7 @@ def test_graph_replay_follows_in_place_batch_update(path, dtype):
     fixed = {"max_rank": 24, "max_entries": 3, "entry_capacity": 8}
     case = make_case(dtype, rows, k, n, ranks, [[(0, 1.0)]] * 4, seed=4, **fixed)
     gpu = to_device(case.args)
-    job = launch.plan_multi_lora_linear(**gpu, meta=case.meta, plan=forced_plan(path, case))
+    job = launch.plan_multi_lora_linear(*bundled(gpu, case.meta), plan=forced_plan(path, case))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

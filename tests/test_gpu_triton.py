@@ -20,7 +20,7 @@ import contextlib
 import pytest
 import torch
 from gpu_common import DEVICE, ON_GPU, gpu_marks, to_device
-from test_triton_interpret import Case, assert_close, make_case
+from test_triton_interpret import Case, assert_close, bundled, make_case
 
 from lorakernels import ops, testing
 from lorakernels.kernels.triton import dispatch, launch
@@ -83,7 +83,7 @@ def _tf32(on: bool):
 
 
 def _run(case: Case, plan: dispatch.Plan) -> torch.Tensor:
-    job = launch.plan_multi_lora_linear(**to_device(case.args), meta=case.meta, plan=plan)
+    job = launch.plan_multi_lora_linear(*bundled(to_device(case.args), case.meta), plan=plan)
     job.out.fill_(float("nan"))
     out = job()
     if ON_GPU:
@@ -259,16 +259,7 @@ def test_segmented_kernel_merged_and_unmerged_in_one_launch(dtype):
             seg_weight.to(DEVICE),
             seg_lora.to(DEVICE),
             g["bias"],
-            g["lora_a"],
-            g["lora_bt"],
-            g["slot_start"],
-            g["slot_rank"],
-            g["slot_scale"],
-            g["row_ptr"],
-            g["entry_ptr"],
-            g["entry_slot"],
-            g["entry_weight"],
-            case.meta,
+            bundled(g, case.meta)[3],
         )
         job.out.fill_(float("nan"))
         out = job().cpu()

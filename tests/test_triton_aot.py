@@ -40,7 +40,7 @@ import pytest
 import torch  # noqa: E402
 import triton  # noqa: E402  ([dev] installs it: a broken install fails, not skips)
 
-from lorakernels.kernels import LaunchMeta  # noqa: E402
+from lorakernels.kernels import BankTensors, BatchTensors, LaunchMeta, LoRAArgs  # noqa: E402
 from lorakernels.kernels.triton import dispatch  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -136,26 +136,16 @@ def _plans(dtype: str, kind: str, config, spec: Spec) -> list[dict]:
     starts, ranks, scales = t(8, dt=i32), t(8, dt=i32), t(8, dt=torch.float32)
     row_ptr, entry_ptr = t(s + 1, dt=i32), t(s + 1, dt=i32)
     entry_slot, entry_weight = t(s * max_entries, dt=i32), t(s * max_entries, dt=torch.float32)
+    lora = LoRAArgs(
+        BankTensors(a, bt, starts, ranks, scales),
+        BatchTensors(row_ptr, entry_ptr, entry_slot, entry_weight),
+        meta,
+    )
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = spec.tf32
     try:
         if kind == "fused":
-            plan = launch.plan_fused(
-                x,
-                w,
-                b,
-                a,
-                bt,
-                starts,
-                ranks,
-                scales,
-                row_ptr,
-                entry_ptr,
-                entry_slot,
-                entry_weight,
-                meta,
-                config,
-            )
+            plan = launch.plan_fused(x, w, b, lora, config)
         elif kind == "segmented":
             merged, seg = t(3, n, k), t(s, dt=i32)
             plan = launch.plan_fused_segmented(
@@ -165,38 +155,14 @@ def _plans(dtype: str, kind: str, config, spec: Spec) -> list[dict]:
                 seg,
                 seg,
                 b,
-                a,
-                bt,
-                starts,
-                ranks,
-                scales,
-                row_ptr,
-                entry_ptr,
-                entry_slot,
-                entry_weight,
-                meta,
+                lora,
                 config,
             )
         elif kind == "shrink":
-            plan = launch.plan_shrink(
-                x, a, starts, ranks, row_ptr, entry_ptr, entry_slot, meta, config, 2
-            )
+            plan = launch.plan_shrink(x, lora, config, 2)
         else:
             y, tt = t(m, n), launch._t_buffer(m, max_entries * max_rank, meta_dev)
-            plan = launch.plan_expand(
-                y,
-                tt,
-                bt,
-                starts,
-                ranks,
-                scales,
-                row_ptr,
-                entry_ptr,
-                entry_slot,
-                entry_weight,
-                meta,
-                config,
-            )
+            plan = launch.plan_expand(y, tt, lora, config)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     return [r for r in plan.records if "fn" in r]
@@ -479,7 +445,7 @@ else:
                     x = t(m * k + 1)[1:].view(m, k)
                 else:
                     x = t(m, k)
-                i32 = torch.int32
+                i32, f32 = torch.int32, torch.float32
                 meta = LaunchMeta(rows, entries, rank)
                 w = t(n, k)
                 saved = torch.backends.cuda.matmul.allow_tf32
@@ -490,16 +456,18 @@ else:
                         x,
                         w,
                         t(n) if bias else None,
-                        t(300, k),
-                        t(300, n),
-                        t(9, dt=i32),
-                        t(9, dt=i32),
-                        t(9, dt=torch.float32),
-                        t(3, dt=i32),
-                        t(3, dt=i32),
-                        t(2 * entries, dt=i32),
-                        t(2 * entries, dt=torch.float32),
-                        meta,
+                        LoRAArgs(
+                            BankTensors(
+                                t(300, k), t(300, n), t(9, dt=i32), t(9, dt=i32), t(9, dt=f32)
+                            ),
+                            BatchTensors(
+                                t(3, dt=i32),
+                                t(3, dt=i32),
+                                t(2 * entries, dt=i32),
+                                t(2 * entries, dt=f32),
+                            ),
+                            meta,
+                        ),
                         plan,
                     )
                 finally:

@@ -55,8 +55,8 @@ class Case:
 
 
 def bundled(args: dict[str, Tensor | None], meta: LaunchMeta) -> tuple:
-    """``(x, weight, bias, LoRAArgs)``: a case's arguments as backends take them (the launch
-    plans below still take the flat tensors)."""
+    """``(x, weight, bias, LoRAArgs)``: a case's arguments as backends and launch plans take
+    them."""
     bank = BankTensors(*(args[k] for k in BankTensors._fields))
     batch = BatchTensors(*(args[k] for k in BatchTensors._fields))
     return args["x"], args["weight"], args["bias"], LoRAArgs(bank, batch, meta)
@@ -276,7 +276,7 @@ else:
     from lorakernels.kernels.triton import launch
 
     def run(case: Case, plan: dispatch.Plan | None) -> tuple[Tensor, launch.Launch]:
-        job = launch.plan_multi_lora_linear(**case.args, meta=case.meta, plan=plan)
+        job = launch.plan_multi_lora_linear(*bundled(case.args, case.meta), plan=plan)
         job.out.fill_(float("nan"))
         return job(), job
 
@@ -317,18 +317,7 @@ else:
         a, meta = case.args, case.meta
         r_cap = meta.max_entries * meta.max_rank
         config = replace(dispatch.shrink_config(r_cap, str(dtype)[6:]), block_k=16)
-        job = launch.plan_lora_shrink(
-            a["x"],
-            a["lora_a"],
-            a["slot_start"],
-            a["slot_rank"],
-            a["row_ptr"],
-            a["entry_ptr"],
-            a["entry_slot"],
-            meta,
-            config=config,
-            split_k=split_k,
-        )
+        job = launch.plan_lora_shrink(a["x"], bundled(a, meta)[3], config=config, split_k=split_k)
         job.out.fill_(float("nan"))
         t = job()
         assert t.dtype == torch.float32 and t.shape == (a["x"].shape[0], r_cap)
@@ -391,12 +380,12 @@ else:
         fixed = {"max_rank": 24, "max_entries": 3, "entry_capacity": 8}
         case = make_case(dtype, rows, k, n, ranks, [[(0, 1.0)]] * 4, seed=4, **fixed)
         plan = forced_plan(path, case)
-        job = launch.plan_multi_lora_linear(**case.args, meta=case.meta, plan=plan)
+        job = launch.plan_multi_lora_linear(*bundled(case.args, case.meta), plan=plan)
         job.out.fill_(float("nan"))
         assert_close(job(), case)
 
         def auto_records() -> list[dict]:
-            auto = launch.plan_multi_lora_linear(**case.args, meta=case.meta)
+            auto = launch.plan_multi_lora_linear(*bundled(case.args, case.meta))
             return [{k: v for k, v in r.items() if k != "args"} for r in auto.records]
 
         captured = auto_records()
@@ -426,7 +415,7 @@ else:
         }
         for path in ("auto", "fused", "fused_tiny", "pair", "pair_split"):
             job = launch.plan_multi_lora_linear(
-                **meta_args, meta=case.meta, plan=forced_plan(path, case)
+                *bundled(meta_args, case.meta), plan=forced_plan(path, case)
             )
             assert job.out.device.type == "meta" and job.records
             for record in job.records:
@@ -469,7 +458,7 @@ else:
         wide = torch.full((m, k + 5), float("nan"), dtype=torch.float16)
         wide[:, :k] = a["x"]
         a["x"] = wide[:, :k]
-        job = launch.plan_multi_lora_linear(**a, meta=case.meta, plan=forced_plan(path, case))
+        job = launch.plan_multi_lora_linear(*bundled(a, case.meta), plan=forced_plan(path, case))
         job.out.fill_(float("nan"))
         assert_close(job(), case)
         fresh = make_case(
@@ -693,16 +682,7 @@ else:
             seg_weight,
             seg_lora,
             a["bias"],
-            a["lora_a"],
-            a["lora_bt"],
-            a["slot_start"],
-            a["slot_rank"],
-            a["slot_scale"],
-            a["row_ptr"],
-            a["entry_ptr"],
-            a["entry_slot"],
-            a["entry_weight"],
-            case.meta,
+            bundled(a, case.meta)[3],
             config,
         )
         job.out.fill_(float("nan"))

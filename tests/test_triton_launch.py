@@ -14,7 +14,7 @@ import pytest
 import torch
 import triton  # noqa: F401  (the [dev] extra installs it: a broken install must fail here)
 
-from lorakernels.kernels import LaunchMeta
+from lorakernels.kernels import BankTensors, BatchTensors, LaunchMeta, LoRAArgs
 from lorakernels.kernels.triton import dispatch, launch
 
 META = torch.device("meta")
@@ -43,6 +43,13 @@ def _args(
     }
 
 
+def _bundled(args: dict, meta: LaunchMeta) -> tuple:
+    """``(x, weight, bias, LoRAArgs)`` from :func:`_args`' flat tensors, as the plans take them."""
+    bank = BankTensors(*(args[k] for k in BankTensors._fields))
+    batch = BatchTensors(*(args[k] for k in BatchTensors._fields))
+    return args["x"], args["weight"], args["bias"], LoRAArgs(bank, batch, meta)
+
+
 def _kernels(job: launch.Launch) -> list[str]:
     return [r["kernel"] for r in job.records]
 
@@ -62,7 +69,7 @@ def _tf32(on: bool):
 def test_fp32_goes_to_cublas_and_the_pair_following_tf32(tf32):
     meta = LaunchMeta(32, 2, 16)
     with _tf32(tf32):
-        job = launch.plan_multi_lora_linear(**_args(dtype=torch.float32), meta=meta)
+        job = launch.plan_multi_lora_linear(*_bundled(_args(dtype=torch.float32), meta))
     assert _kernels(job) == ["base_gemm", "zero_", "_lora_shrink_kernel", "_lora_expand_kernel"]
     want = "tf32" if tf32 else "ieee"
     for record in job.records:
@@ -81,16 +88,16 @@ def test_fp32_is_never_fused_by_the_dispatcher():
 def test_16bit_ignores_tf32_switch():
     meta = LaunchMeta(32, 1, 16)
     with _tf32(False):
-        off = launch.plan_multi_lora_linear(**_args(), meta=meta).records
+        off = launch.plan_multi_lora_linear(*_bundled(_args(), meta)).records
     with _tf32(True):
-        on = launch.plan_multi_lora_linear(**_args(), meta=meta).records
+        on = launch.plan_multi_lora_linear(*_bundled(_args(), meta)).records
     assert [r["INPUT_PRECISION"] for r in off] == [r["INPUT_PRECISION"] for r in on] == ["tf32"]
 
 
 # ------------------------------------------------------------------ item 8: canonical layouts
 @pytest.mark.parametrize("k, n", [(77, 320), (320, 328), (33, 127)])
 def test_odd_k_or_n_goes_to_the_pair(k, n):
-    job = launch.plan_multi_lora_linear(**_args(k=k, n=n), meta=LaunchMeta(32, 1, 16))
+    job = launch.plan_multi_lora_linear(*_bundled(_args(k=k, n=n), LaunchMeta(32, 1, 16)))
     assert "_fused_multi_lora_kernel" not in _kernels(job)
     assert "_lora_shrink_kernel" in _kernels(job)
 
@@ -98,7 +105,7 @@ def test_odd_k_or_n_goes_to_the_pair(k, n):
 def test_non_contiguous_weight_goes_to_the_pair():
     args = _args()
     args["weight"] = torch.empty(320, 320, dtype=torch.float16, device=META).T
-    job = launch.plan_multi_lora_linear(**args, meta=LaunchMeta(32, 1, 16))
+    job = launch.plan_multi_lora_linear(*_bundled(args, LaunchMeta(32, 1, 16)))
     assert _kernels(job)[0] == "base_gemm"
 
 
@@ -110,7 +117,7 @@ def test_x_is_made_canonical_before_launch(layout):
     else:
         args["x"] = torch.empty(64 * 320 + 1, dtype=torch.float16, device=META)[1:].view(64, 320)
     assert not launch._is_canonical(args["x"])
-    job = launch.plan_multi_lora_linear(**args, meta=LaunchMeta(32, 1, 16))
+    job = launch.plan_multi_lora_linear(*_bundled(args, LaunchMeta(32, 1, 16)))
     # the copy is a step of the launch (a replay re-copies x), then the kernel
     assert [r["kernel"] for r in job.records] == ["copy_", "_fused_multi_lora_kernel"]
     x = job.records[1]["args"][0]
@@ -120,7 +127,7 @@ def test_x_is_made_canonical_before_launch(layout):
 @pytest.mark.parametrize("entries, rank", [(1, 1), (3, 37), (1, 16), (4, 33)])
 def test_t_row_stride_is_padded_to_16(entries, rank):
     job = launch.plan_multi_lora_linear(
-        **_args(dtype=torch.float32), meta=LaunchMeta(32, entries, rank)
+        *_bundled(_args(dtype=torch.float32), LaunchMeta(32, entries, rank))
     )
     shrink = next(r for r in job.records if r["kernel"] == "_lora_shrink_kernel")
     t = shrink["args"][7]
@@ -133,19 +140,7 @@ def test_expand_rejects_y_it_cannot_add_into():
     y = torch.empty(64, 330, dtype=torch.float16, device=META)[:, :320]
     t = torch.empty(64, 16, dtype=torch.float32, device=META)
     with pytest.raises(ValueError, match="y: the triton expand"):
-        launch.plan_lora_expand(
-            y,
-            t,
-            cpu["lora_bt"],
-            cpu["slot_start"],
-            cpu["slot_rank"],
-            cpu["slot_scale"],
-            cpu["row_ptr"],
-            cpu["entry_ptr"],
-            cpu["entry_slot"],
-            cpu["entry_weight"],
-            LaunchMeta(32, 1, 16),
-        )
+        launch.plan_lora_expand(y, t, _bundled(cpu, LaunchMeta(32, 1, 16))[3])
 
 
 # ------------------------------------------------------------------ item 6: bound arguments
@@ -166,7 +161,9 @@ def test_kernels_get_slot_count_and_bank_rows():
                 1,
                 dispatch.expand_config(320, "float16"),
             )
-        job = launch.plan_multi_lora_linear(**_args(slots=11, bank_rows=300), meta=meta, plan=plan)
+        job = launch.plan_multi_lora_linear(
+            *_bundled(_args(slots=11, bank_rows=300), meta), plan=plan
+        )
         for record in job.records:
             if "fn" not in record:
                 continue
@@ -189,7 +186,7 @@ def test_dispatch_decision_is_cached(monkeypatch):
     dispatch.choose.cache_clear()
     meta = LaunchMeta(4096, 4, 32)
     for _ in range(5):
-        launch.plan_multi_lora_linear(**_args(m=8192), meta=meta)
+        launch.plan_multi_lora_linear(*_bundled(_args(m=8192), meta))
     assert len(calls) == 1
     assert dispatch.choose.cache_info().hits >= 4
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -165,12 +165,29 @@ class Ours(Provider):
         return lambda: multi_lora_linear(x, weight, bias, bank, batch, backend=backend, plan=plan)
 
 
+def _grouped_linear(
+    x: Tensor, b: Tensor | None, n: int, groups: Iterable[tuple[Tensor, list | None, Tensor | None]]
+) -> Tensor:
+    """``y [S, T, N]``, each group's samples ``x @ w.T + b``: per ``(w, rows, index)`` an
+    ``addmm`` per contiguous run of rows (``rows``: slices of the flat rows), else one gathered
+    ``linear`` over the samples in ``index`` (see :func:`_rows_or_index`)."""
+    s, t, k = x.shape
+    y = torch.empty(s, t, n, dtype=x.dtype, device=x.device)
+    x2, y2 = x.view(s * t, k), y.view(s * t, n)
+    for w, rows, index in groups:
+        if rows is not None:
+            for r in rows:
+                torch.addmm(b, x2[r], w.T, out=y2[r])
+        else:
+            y.index_copy_(0, index, F.linear(x.index_select(0, index), w, b))
+    return y
+
+
 class Merge(Provider):
     name = "merge"
 
     def prepare(self, case: LayerCase) -> Forward:
         x, b, dt = case.x, case.bias, case.x.dtype
-        s, t, k = x.shape
         n = case.weight.shape[0]
         plan = []
         for mix, idx in _groups(case).items():
@@ -179,55 +196,33 @@ class Merge(Provider):
                 w = (case.weight.float() + bc @ ac).to(dt)
             else:
                 w = case.weight
-            plan.append((w, *_rows_or_index(idx, t, case.device)))
-        x2 = x.view(s * t, k)
-
-        def forward() -> Tensor:
-            y = torch.empty(s, t, n, dtype=dt, device=x.device)
-            y2 = y.view(s * t, n)
-            for w, rows, index in plan:
-                if rows is not None:
-                    for r in rows:
-                        torch.addmm(b, x2[r], w.T, out=y2[r])
-                else:
-                    y.index_copy_(0, index, F.linear(x.index_select(0, index), w, b))
-            return y
-
-        return forward
+            plan.append((w, *_rows_or_index(idx, x.shape[1], case.device)))
+        return lambda: _grouped_linear(x, b, n, plan)
 
 
 class Fuse(Provider):
     name = "fuse"
 
     def prepare(self, case: LayerCase) -> Forward:
-        x, b, dt = case.x, case.bias, case.x.dtype
-        s, t, k = x.shape
-        n = case.weight.shape[0]
         saved = case.weight
         work = case.weight.clone()  # the "model weight" that gets fused and unfused
+        x, b, dt = case.x, case.bias, case.x.dtype
         plan = []
         for mix, idx in _groups(case).items():
             factors = _delta_factors(case, mix) if mix else None
-            plan.append((factors, *_rows_or_index(idx, t, case.device)))
-        x2 = x.view(s * t, k)
+            plan.append((factors, *_rows_or_index(idx, x.shape[1], case.device)))
 
-        def forward() -> Tensor:
-            y = torch.empty(s, t, n, dtype=dt, device=x.device)
-            y2 = y.view(s * t, n)
+        def fused_groups() -> Iterator[tuple[Tensor, list | None, Tensor | None]]:
+            # The loop in _grouped_linear runs each group between the fuse and the unfuse.
             for factors, rows, index in plan:
                 if factors is not None:  # fuse
                     bc, ac = factors
                     work.add_((bc @ ac).to(dt))
-                if rows is not None:
-                    for r in rows:
-                        torch.addmm(b, x2[r], work.T, out=y2[r])
-                else:
-                    y.index_copy_(0, index, F.linear(x.index_select(0, index), work, b))
+                yield work, rows, index
                 if factors is not None:  # unfuse
                     work.copy_(saved)
-            return y
 
-        return forward
+        return lambda: _grouped_linear(x, b, saved.shape[0], fused_groups())
 
 
 class _Holder(nn.Module):

@@ -23,7 +23,7 @@ import platform
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -180,6 +180,18 @@ def noisy_rows(doc: dict) -> tuple[int, int]:
     return sum(v > NOISY_SPREAD for v in vals), len(vals)
 
 
+def _table(
+    head: list[str], records: Sequence[dict], cells: Callable[[dict, dict, float | None], list]
+) -> tuple[list[str], list[list[str]]]:
+    """``head`` and a row per record, both ending in the spread column: ``cells(record,
+    workload, ours/base ratio)`` gives the rest of a row."""
+    rows = []
+    for rec in records:
+        row = cells(rec, rec["workload"], ratio(rec, "ours", "base"))
+        rows.append([*row, _spread_cell(spread(rec))])
+    return [*head, "spread"], rows
+
+
 def layer_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the layer table (one row per workload and dtype).
 
@@ -192,11 +204,8 @@ def layer_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
         head += [f"{b}/base" for b in LAYER_BASELINES] + [f"ours/{b}" for b in LAYER_BASELINES]
     else:
         head += ["ours/merge", "ours/peft"]
-    head.append("spread")
-    rows = []
-    for rec in records:
-        w = rec["workload"]
-        ob = ratio(rec, "ours", "base")
+
+    def cells(rec: dict, w: dict, ob: float | None) -> list[str]:
         row = [
             w["label"],
             _config(w),
@@ -214,9 +223,9 @@ def layer_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
             row += [_fmt(ratio(rec, "ours", b)) for b in LAYER_BASELINES]
         else:
             row += [_fmt(ratio(rec, "ours", "merge")), _fmt(ratio(rec, "ours", "peft"))]
-        row.append(_spread_cell(spread(rec)))
-        rows.append(row)
-    return head, rows
+        return row
+
+    return _table(head, records, cells)
 
 
 def model_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], list[list[str]]]:
@@ -232,11 +241,8 @@ def model_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
         ]
     else:
         head += ["ours/peft", "ours/fused"]
-    head.append("spread")
-    rows = []
-    for rec in records:
-        w = rec["workload"]
-        ob = ratio(rec, "ours", "base")
+
+    def cells(rec: dict, w: dict, ob: float | None) -> list[str]:
         ideal = rec.get("ideal")
         base = median(rec, "base")
         row = [
@@ -263,9 +269,9 @@ def model_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
             ]
         else:
             row += [_fmt(ratio(rec, "ours", "peft")), _fmt(ratio(rec, "ours", "fused"))]
-        row.append(_spread_cell(spread(rec)))
-        rows.append(row)
-    return head, rows
+        return row
+
+    return _table(head, records, cells)
 
 
 def legend(doc: dict, wide: bool = False) -> str:

@@ -64,14 +64,8 @@ def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[
         LoRAFormatError: missing, empty, truncated or garbage file, or non-tensor content; the
             message names the file.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise LoRAFormatError(f"{p}: no such LoRA file")
-    size = p.stat().st_size
-    if size == 0:
-        raise LoRAFormatError(f"{p}: the file is empty (0 bytes)")
-    suffix = p.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES or (suffix not in PICKLE_SUFFIXES and _looks_safetensors(p)):
+    p, size, safetensors = _existing(path)
+    if safetensors:
         return _read_safetensors(p, size)
     return _read_pickle(p), {}
 
@@ -89,16 +83,8 @@ def read_header(
         LoRAFormatError: missing, empty, garbage or truncated file (the header's sizes are
             checked against the file size), naming the file.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise LoRAFormatError(f"{p}: no such LoRA file")
-    size = p.stat().st_size
-    if size == 0:
-        raise LoRAFormatError(f"{p}: the file is empty (0 bytes)")
-    suffix = p.suffix.lower()
-    if not (
-        suffix in SAFETENSORS_SUFFIXES or (suffix not in PICKLE_SUFFIXES and _looks_safetensors(p))
-    ):
+    p, size, safetensors = _existing(path)
+    if not safetensors:
         return None
     header = _read_header(p, size)
     raw_meta = header.get("__metadata__") or {}
@@ -109,6 +95,22 @@ def read_header(
         if k != "__metadata__"
     }
     return metadata, entries
+
+
+def _existing(path: str | os.PathLike[str]) -> tuple[Path, int, bool]:
+    """``(path, size in bytes, read as safetensors?)`` of an existing, non-empty file (by its
+    suffix; an unknown suffix by its first bytes); LoRAFormatError naming the file otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise LoRAFormatError(f"{p}: no such LoRA file")
+    size = p.stat().st_size
+    if size == 0:
+        raise LoRAFormatError(f"{p}: the file is empty (0 bytes)")
+    suffix = p.suffix.lower()
+    safetensors = suffix in SAFETENSORS_SUFFIXES or (
+        suffix not in PICKLE_SUFFIXES and _looks_safetensors(p)
+    )
+    return p, size, safetensors
 
 
 def _looks_safetensors(p: Path) -> bool:

@@ -83,6 +83,12 @@ def _ld(t: Tensor) -> int:
 # These take tensors on any device and hand their pointers to the library; the op kernels
 # below are the only callers with CUDA tensors. Without a GPU the library answers with a
 # CUDA error, raised here as RuntimeError (tests use that to check the error path).
+def _sizes(idx: dict[str, Tensor], bank: Tensor, width: int, *caps: int) -> tuple[int, ...]:
+    """The size arguments both library calls end with: samples, slots, bank rows, the row
+    width (K for the shrink, N for the expand), then ``max_rows, max_entries, max_rank``."""
+    return (idx["row_ptr"].numel() - 1, idx["slot_rank"].numel(), bank.shape[0], width, *caps)
+
+
 def _launch_shrink(
     lib: ctypes.CDLL,
     x: Tensor,
@@ -107,13 +113,7 @@ def _launch_shrink(
         _ptr(idx["row_ptr"]),
         _ptr(idx["entry_ptr"]),
         _ptr(idx["entry_slot"]),
-        idx["row_ptr"].numel() - 1,
-        idx["slot_rank"].numel(),
-        lora_a.shape[0],
-        x.shape[1],
-        max_rows,
-        max_entries,
-        max_rank,
+        *_sizes(idx, lora_a, x.shape[1], max_rows, max_entries, max_rank),
         stream,
     )
     _native.check(lib, code, "lorakernels sgmv_shrink")
@@ -151,13 +151,7 @@ def _launch_expand(
         _ptr(idx["entry_ptr"]),
         _ptr(idx["entry_slot"]),
         _ptr(entry_weight),
-        idx["row_ptr"].numel() - 1,
-        idx["slot_rank"].numel(),
-        lora_bt.shape[0],
-        y_out.shape[1],
-        max_rows,
-        max_entries,
-        max_rank,
+        *_sizes(idx, lora_bt, y_out.shape[1], max_rows, max_entries, max_rank),
         stream,
     )
     _native.check(lib, code, "lorakernels sgmv_expand")
@@ -185,28 +179,16 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager[object]:
 # ---------------------------------------------------------------------------- op kernels
 # Registered for CUDA below. They do not insist on CUDA tensors themselves: with the host
 # emulation of the library (csrc/emulate, tests only) the same code runs on CPU tensors.
-def _shrink_impl(
-    x,
-    lora_a,
-    slot_start,
-    slot_rank,
-    row_ptr,
-    entry_ptr,
-    entry_slot,
-    max_rows,
-    max_entries,
-    max_rank,
-):  # noqa: ANN001, ANN202
+# Each takes its op's schema arguments (``lorakernels._ops``) positionally; ``rest`` is what
+# follows the leading tensors, in schema order.
+def _shrink_impl(x, lora_a, *rest):  # noqa: ANN001, ANN002, ANN202
+    """``rest``: ``slot_start, slot_rank, row_ptr, entry_ptr, entry_slot`` (the order of
+    ``_INDEX_ARGS``), then ``max_rows, max_entries, max_rank``."""
     lib = _native.load()
+    max_rows, max_entries, max_rank = rest[5:]
     x = _rows(x, "x")
     lora_a = _rows(lora_a, "lora_a", x.dtype)
-    idx = _index_tensors(
-        slot_start=slot_start,
-        slot_rank=slot_rank,
-        row_ptr=row_ptr,
-        entry_ptr=entry_ptr,
-        entry_slot=entry_slot,
-    )
+    idx = _index_tensors(**dict(zip(_INDEX_ARGS, rest[:5], strict=True)))
     _same_device(x.device, lora_a=lora_a, **idx)
     # zeros, not empty: columns past a rank are never written and must not leak old memory
     t = torch.zeros((x.shape[0], max_entries * max_rank), dtype=torch.float32, device=x.device)
@@ -215,20 +197,11 @@ def _shrink_impl(
     return t
 
 
-def _expand_args(
-    y,
-    t,
-    lora_bt,
-    slot_start,
-    slot_rank,
-    slot_scale,
-    row_ptr,
-    entry_ptr,
-    entry_slot,
-    entry_weight,
-    max_entries,
-    max_rank,
-):  # noqa: ANN001, ANN202
+def _expand_args(y, t, lora_bt, rest):  # noqa: ANN001, ANN202
+    """Checked expand arguments; ``rest``: ``slot_start, slot_rank, slot_scale, row_ptr,
+    entry_ptr, entry_slot, entry_weight, max_rows, max_entries, max_rank``."""
+    slot_start, slot_rank, slot_scale, row_ptr, entry_ptr, entry_slot, entry_weight = rest[:7]
+    _, max_entries, max_rank = rest[7:]
     lora_bt = _rows(lora_bt, "lora_bt")
     _dtype_code(lora_bt, "lora_bt")
     t = _rows(t, "t", torch.float32)
@@ -251,107 +224,27 @@ def _expand_args(
     return t, lora_bt, idx, scale, weight
 
 
-def _expand_impl(
-    y,
-    t,
-    lora_bt,
-    slot_start,
-    slot_rank,
-    slot_scale,
-    row_ptr,
-    entry_ptr,
-    entry_slot,
-    entry_weight,
-    max_rows,
-    max_entries,
-    max_rank,
-):  # noqa: ANN001, ANN202
+def _expand_impl(y, t, lora_bt, *rest):  # noqa: ANN001, ANN002, ANN202
     lib = _native.load()
-    t, lora_bt, idx, scale, weight = _expand_args(
-        y,
-        t,
-        lora_bt,
-        slot_start,
-        slot_rank,
-        slot_scale,
-        row_ptr,
-        entry_ptr,
-        entry_slot,
-        entry_weight,
-        max_entries,
-        max_rank,
-    )
+    t, lora_bt, idx, scale, weight = _expand_args(y, t, lora_bt, rest)
     if y.dtype not in (torch.float32, lora_bt.dtype):
         raise TypeError(f"y must be float32 or {lora_bt.dtype}, got {y.dtype}")
     y = _rows(y, "y")
     out = torch.empty(y.shape, dtype=lora_bt.dtype, device=y.device)
     with _on(y.device):
-        _launch_expand(
-            lib,
-            y,
-            out,
-            t,
-            lora_bt,
-            idx,
-            scale,
-            weight,
-            max_rows,
-            max_entries,
-            max_rank,
-            _stream(y.device),
-        )
+        _launch_expand(lib, y, out, t, lora_bt, idx, scale, weight, *rest[7:], _stream(y.device))
     return out
 
 
-def _expand_inplace_impl(
-    y,
-    t,
-    lora_bt,
-    slot_start,
-    slot_rank,
-    slot_scale,
-    row_ptr,
-    entry_ptr,
-    entry_slot,
-    entry_weight,
-    max_rows,
-    max_entries,
-    max_rank,
-):  # noqa: ANN001, ANN202
+def _expand_inplace_impl(y, t, lora_bt, *rest):  # noqa: ANN001, ANN002, ANN202
     lib = _native.load()
-    t, lora_bt, idx, scale, weight = _expand_args(
-        y,
-        t,
-        lora_bt,
-        slot_start,
-        slot_rank,
-        slot_scale,
-        row_ptr,
-        entry_ptr,
-        entry_slot,
-        entry_weight,
-        max_entries,
-        max_rank,
-    )
+    t, lora_bt, idx, scale, weight = _expand_args(y, t, lora_bt, rest)
     if y.dtype != lora_bt.dtype:
         raise TypeError(f"y must be {lora_bt.dtype} (the bank dtype) for the in-place expand")
     if y.dim() != 2 or y.stride(1) != 1:
         raise ValueError("y must be a 2-D tensor with unit column stride for the in-place expand")
     with _on(y.device):
-        _launch_expand(
-            lib,
-            y,
-            y,
-            t,
-            lora_bt,
-            idx,
-            scale,
-            weight,
-            max_rows,
-            max_entries,
-            max_rank,
-            _stream(y.device),
-        )
+        _launch_expand(lib, y, y, t, lora_bt, idx, scale, weight, *rest[7:], _stream(y.device))
 
 
 OP_IMPLS = {

@@ -38,7 +38,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRA
     """``y [M, N] = x @ weight.T + bias + sum of each sample's LoRA terms``, in ``x.dtype``."""
     from .launch import plan_multi_lora_linear
 
-    return plan_multi_lora_linear(x, weight, bias, *lora.bank, *lora.batch, lora.meta)()
+    return plan_multi_lora_linear(x, weight, bias, lora)()
 
 
 def lora_shrink(x: Tensor, lora: LoRAArgs) -> Tensor:
@@ -46,12 +46,11 @@ def lora_shrink(x: Tensor, lora: LoRAArgs) -> Tensor:
     columns ``j * max_rank : j * max_rank + rank`` (other columns are unspecified)."""
     from .launch import plan_lora_shrink
 
-    a, _, start, rank, _ = lora.bank
-    return plan_lora_shrink(x, a, start, rank, *lora.batch[:3], lora.meta)()
+    return plan_lora_shrink(x, lora)()
 
 
 def lora_expand(y: Tensor, t: Tensor, lora: LoRAArgs) -> None:
     """``y += entry_weight * slot_scale * t_entry @ lora_bt_rows`` per sample, in place."""
     from .launch import plan_lora_expand
 
-    plan_lora_expand(y, t, *lora.bank[1:], *lora.batch, lora.meta)()
+    plan_lora_expand(y, t, lora)()

@@ -395,7 +395,8 @@ def choose(
     _check_dtype(dtype)
     r_cap = max(0, max_entries) * max(0, max_rank)
     rows = max(1, min(max_rows, m)) if m else 1
-    if dtype == "float32" or not aligned:
+
+    def pair() -> Plan:
         split = split_k_for(m, k, rows, r_cap, sm_count)
         return Plan(
             "pair",
@@ -404,20 +405,16 @@ def choose(
             split,
             expand_config(n, dtype, arch=arch),
         )
+
+    if dtype == "float32" or not aligned:
+        return pair()
     fused = Plan("fused", fused_config(rows, n, r_cap, dtype, arch=arch), None, 1, None)
     if r_cap == 0 or m == 0:
         return fused  # no LoRA can be present: the fused kernel is a plain GEMM
     t_fused = seconds(fused_costs(m, n, k, rows, r_cap, dtype, arch), dtype, machine)
     t_pair = seconds(pair_costs(m, n, k, rows, r_cap, dtype, arch), dtype, machine)
     if t_pair < t_fused:
-        split = split_k_for(m, k, rows, r_cap, sm_count)
-        return Plan(
-            "pair",
-            None,
-            shrink_config(r_cap, dtype, arch=arch),
-            split,
-            expand_config(n, dtype, arch=arch),
-        )
+        return pair()
     return fused
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .. import LaunchMeta
+from .. import LaunchMeta, LoRAArgs
 from . import dispatch
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -270,107 +270,101 @@ def _add_kernel(launch: Launch, kernel, grid: int, args: tuple, consts: dict, op
     )
 
 
+def _capacities(lora: LoRAArgs, rows: Tensor) -> tuple[int, int, int, int]:
+    """``(max_entries, max_rank, slots, bank rows)``: the bounds every kernel takes after its
+    sizes (``rows`` is the bank tensor the kernel reads)."""
+    return lora.meta.max_entries, lora.meta.max_rank, lora.bank.slot_rank.numel(), rows.shape[0]
+
+
+def _tensors(lora: LoRAArgs, *, for_kernel: str = "linear") -> dict[str, Tensor]:
+    """The bank and batch tensors a launch reads, by name, in the kernels' argument order
+    (what :func:`_check` checks): all of them, or the shrink's or the expand's subset."""
+    named = {**lora.bank._asdict(), **lora.batch._asdict()}
+    if for_kernel == "shrink":
+        drop = ("lora_bt", "slot_scale", "entry_weight")
+    elif for_kernel == "expand":
+        drop = ("lora_a",)
+    else:
+        drop = ()
+    return {name: tensor for name, tensor in named.items() if name not in drop}
+
+
+def _canonical_lora(lora: LoRAArgs, copies: list[tuple[Tensor, Tensor]], *names: str) -> LoRAArgs:
+    """``lora`` with the named bank tensors made :func:`canonical`."""
+    bank = lora.bank._replace(
+        **{name: canonical(getattr(lora.bank, name), copies) for name in names}
+    )
+    return lora._replace(bank=bank)
+
+
+def _check_fused_capacity(config: dispatch.FusedConfig, meta: LaunchMeta) -> None:
+    r_cap = meta.max_entries * meta.max_rank
+    if r_cap > config.block_r and not config.multi_block:
+        raise ValueError(
+            f"config: block_r={config.block_r} without multi_block cannot hold the summed rank "
+            f"capacity {r_cap} (meta.max_entries * meta.max_rank)"
+        )
+
+
+def _consts(config, dtype: str, **flags: bool) -> dict:
+    """A kernel's compile-time constants: the ``block_*`` sizes ``config`` has (``BLOCK_M``,
+    ``BLOCK_N``, ``BLOCK_K``, ``BLOCK_R``), ``BLOCK_S``, ``flags`` and the numerics switches."""
+    blocks = {
+        f"BLOCK_{axis.upper()}": getattr(config, f"block_{axis}")
+        for axis in "mnkr"
+        if hasattr(config, f"block_{axis}")
+    }
+    return {**blocks, "BLOCK_S": _BLOCK_S, **flags, **_numerics(dtype, interpreting())}
+
+
+def _opts(config) -> dict:
+    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
 def plan_fused(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    lora_a: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
-    meta: LaunchMeta,
+    lora: LoRAArgs,
     config: dispatch.FusedConfig,
     out: Tensor | None = None,
 ) -> Launch:
     """One launch of the fused kernel writing ``out`` (allocated ``[M, N]`` when ``None``)."""
     from .fused import _fused_multi_lora_kernel
 
+    bank, batch, meta = lora
     dtype = _dtype_name(x)
     m, k = x.shape
     n = weight.shape[0]
-    s = row_ptr.numel() - 1
+    s = batch.row_ptr.numel() - 1
     y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
     launch = Launch(y)
     if m == 0 or n == 0:
         return launch
-    if meta.max_entries * meta.max_rank > config.block_r and not config.multi_block:
-        raise ValueError(
-            f"config: block_r={config.block_r} without multi_block cannot hold the summed rank "
-            f"capacity {meta.max_entries * meta.max_rank} (meta.max_entries * meta.max_rank)"
-        )
+    _check_fused_capacity(config, meta)
     grid = _row_tiles(m, s, config.block_m) * _cdiv(n, config.block_n)
+    # The kernel's runtime arguments: tensors, sizes and bounds, strides.
     args = (
-        x,
-        weight,
-        bias,
-        lora_a,
-        lora_bt,
-        slot_start,
-        slot_rank,
-        slot_scale,
-        row_ptr,
-        entry_ptr,
-        entry_slot,
-        entry_weight,
-        y,
-        n,
-        k,
-        s,
-        meta.max_entries,
-        meta.max_rank,
-        slot_rank.numel(),
-        lora_a.shape[0],
-        x.stride(0),
-        x.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        lora_a.stride(0),
-        lora_a.stride(1),
-        lora_bt.stride(0),
-        lora_bt.stride(1),
-        y.stride(0),
-        y.stride(1),
+        *(x, weight, bias, *bank, *batch, y),
+        *(n, k, s, *_capacities(lora, bank.lora_a)),
+        *(*x.stride(), *weight.stride(), *bank.lora_a.stride(), *bank.lora_bt.stride()),
+        *y.stride(),
     )
-    consts = {
-        "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n,
-        "BLOCK_K": config.block_k,
-        "BLOCK_R": config.block_r,
-        "BLOCK_S": _BLOCK_S,
-        "MULTI_BLOCK": config.multi_block,
-        "SPLIT_T": dtype != "float32",
-        **_numerics(dtype, interpreting()),
-    }
-    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    _add_kernel(launch, _fused_multi_lora_kernel, grid, args, consts, opts)
+    consts = _consts(config, dtype, MULTI_BLOCK=config.multi_block, SPLIT_T=dtype != "float32")
+    _add_kernel(launch, _fused_multi_lora_kernel, grid, args, consts, _opts(config))
     return launch
 
 
-def plan_shrink(
-    x: Tensor,
-    lora_a: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    meta: LaunchMeta,
-    config: dispatch.ShrinkConfig,
-    split_k: int,
-) -> Launch:
+def plan_shrink(x: Tensor, lora: LoRAArgs, config: dispatch.ShrinkConfig, split_k: int) -> Launch:
     """The shrink into a new fp32 ``t [M, max_entries * max_rank]`` (zeroed, then added to)."""
     from .sgmv import _lora_shrink_kernel
 
     if not isinstance(split_k, int) or split_k < 1:
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+    bank, batch, meta = lora
     dtype = _dtype_name(x)
     m, k = x.shape
-    s = row_ptr.numel() - 1
+    s = batch.row_ptr.numel() - 1
     width = meta.max_entries * meta.max_rank
     t = _t_buffer(m, width, x.device)
     launch = Launch(t)
@@ -383,62 +377,23 @@ def plan_shrink(
     k_blocks_per_split = max(1, _cdiv(_cdiv(k, config.block_k), split_k))
     grid = _row_tiles(m, s, config.block_m) * n_rank_blocks * split_k
     args = (
-        x,
-        lora_a,
-        slot_start,
-        slot_rank,
-        row_ptr,
-        entry_ptr,
-        entry_slot,
-        t,
-        k,
-        s,
-        meta.max_entries,
-        meta.max_rank,
-        slot_rank.numel(),
-        lora_a.shape[0],
-        n_rank_blocks,
-        split_k,
-        k_blocks_per_split,
-        x.stride(0),
-        x.stride(1),
-        lora_a.stride(0),
-        lora_a.stride(1),
-        t.stride(0),
-        t.stride(1),
+        *(x, bank.lora_a, bank.slot_start, bank.slot_rank, *batch[:3], t),
+        *(k, s, *_capacities(lora, bank.lora_a), n_rank_blocks, split_k, k_blocks_per_split),
+        *(*x.stride(), *bank.lora_a.stride(), *t.stride()),
     )
-    consts = {
-        "BLOCK_M": config.block_m,
-        "BLOCK_K": config.block_k,
-        "BLOCK_R": config.block_r,
-        "BLOCK_S": _BLOCK_S,
-        **_numerics(dtype, interpreting()),
-    }
-    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    _add_kernel(launch, _lora_shrink_kernel, grid, args, consts, opts)
+    consts = _consts(config, dtype)
+    _add_kernel(launch, _lora_shrink_kernel, grid, args, consts, _opts(config))
     return launch
 
 
-def plan_expand(
-    y: Tensor,
-    t: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
-    meta: LaunchMeta,
-    config: dispatch.ExpandConfig,
-) -> Launch:
+def plan_expand(y: Tensor, t: Tensor, lora: LoRAArgs, config: dispatch.ExpandConfig) -> Launch:
     """``y += LoRA(t)`` in place (``out`` is ``y``)."""
     from .sgmv import _lora_expand_kernel
 
+    bank, batch, meta = lora
     dtype = _dtype_name(y, "y")
     m, n = y.shape
-    s = row_ptr.numel() - 1
+    s = batch.row_ptr.numel() - 1
     launch = Launch(y)
     width = meta.max_entries * meta.max_rank
     if t.shape != (m, width):
@@ -447,39 +402,12 @@ def plan_expand(
         return launch
     grid = _row_tiles(m, s, config.block_m) * _cdiv(n, config.block_n)
     args = (
-        y,
-        t,
-        lora_bt,
-        slot_start,
-        slot_rank,
-        slot_scale,
-        row_ptr,
-        entry_ptr,
-        entry_slot,
-        entry_weight,
-        n,
-        s,
-        meta.max_entries,
-        meta.max_rank,
-        slot_rank.numel(),
-        lora_bt.shape[0],
-        y.stride(0),
-        y.stride(1),
-        t.stride(0),
-        t.stride(1),
-        lora_bt.stride(0),
-        lora_bt.stride(1),
+        *(y, t, *bank[1:], *batch),
+        *(n, s, *_capacities(lora, bank.lora_bt)),
+        *(*y.stride(), *t.stride(), *bank.lora_bt.stride()),
     )
-    consts = {
-        "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n,
-        "BLOCK_R": config.block_r,
-        "BLOCK_S": _BLOCK_S,
-        "SPLIT_T": dtype != "float32",
-        **_numerics(dtype, interpreting()),
-    }
-    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    _add_kernel(launch, _lora_expand_kernel, grid, args, consts, opts)
+    consts = _consts(config, dtype, SPLIT_T=dtype != "float32")
+    _add_kernel(launch, _lora_expand_kernel, grid, args, consts, _opts(config))
     return launch
 
 
@@ -510,67 +438,27 @@ def plan_multi_lora_linear(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    lora_a: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
-    meta: LaunchMeta,
+    lora: LoRAArgs,
     plan: dispatch.Plan | None = None,
 ) -> Launch:
     """Everything one ``multi_lora_linear`` call launches, fused or pair per ``plan``.
 
-    ``plan`` defaults to :func:`dispatch.choose` on the shapes and ``meta``; tests pass one to
-    force a path or a tile shape.
+    ``plan`` defaults to :func:`dispatch.choose` on the shapes and ``lora.meta``; tests pass
+    one to force a path or a tile shape.
     """
-    _check_meta(meta)
-    _check(
-        x,
-        {
-            "weight": weight,
-            "bias": bias,
-            "lora_a": lora_a,
-            "lora_bt": lora_bt,
-            "slot_start": slot_start,
-            "slot_rank": slot_rank,
-            "slot_scale": slot_scale,
-            "row_ptr": row_ptr,
-            "entry_ptr": entry_ptr,
-            "entry_slot": entry_slot,
-            "entry_weight": entry_weight,
-        },
-        _INDEX_DTYPES,
-    )
+    _check_meta(lora.meta)
+    _check(x, {"weight": weight, "bias": bias, **_tensors(lora)}, _INDEX_DTYPES)
     _dtype_name(x)  # TypeError naming x for other dtypes
     copies: list[tuple[Tensor, Tensor]] = []
-    x, lora_a, lora_bt = canonical(x, copies), canonical(lora_a, copies), canonical(lora_bt, copies)
+    x = canonical(x, copies)
+    lora = _canonical_lora(lora, copies, "lora_a", "lora_bt")
     bias = None if bias is None else canonical(bias, copies)
     m, k = x.shape
     n = weight.shape[0]
     if plan is None:
-        plan = choose_plan(x, weight, meta)
+        plan = choose_plan(x, weight, lora.meta)
     if plan.path == "fused":
-        fused = plan_fused(
-            x,
-            weight,
-            bias,
-            lora_a,
-            lora_bt,
-            slot_start,
-            slot_rank,
-            slot_scale,
-            row_ptr,
-            entry_ptr,
-            entry_slot,
-            entry_weight,
-            meta,
-            plan.fused,
-        )
-        return _prepend_copies(fused, copies)
+        return _prepend_copies(plan_fused(x, weight, bias, lora, plan.fused), copies)
     if plan.path != "pair":
         raise ValueError(f"plan.path must be 'fused' or 'pair', got {plan.path!r}")
     # Pair: the base GEMM by torch (cuBLAS on CUDA), then the LoRA term added in place.
@@ -581,32 +469,8 @@ def plan_multi_lora_linear(
     else:
         launch.steps.append(functools.partial(torch.addmm, bias, x, weight.T, out=y))
     launch.records.append({"kernel": "base_gemm"})
-    shrink = plan_shrink(
-        x,
-        lora_a,
-        slot_start,
-        slot_rank,
-        row_ptr,
-        entry_ptr,
-        entry_slot,
-        meta,
-        plan.shrink,
-        plan.split_k,
-    )
-    expand = plan_expand(
-        y,
-        shrink.out,
-        lora_bt,
-        slot_start,
-        slot_rank,
-        slot_scale,
-        row_ptr,
-        entry_ptr,
-        entry_slot,
-        entry_weight,
-        meta,
-        plan.expand,
-    )
+    shrink = plan_shrink(x, lora, plan.shrink, plan.split_k)
+    expand = plan_expand(y, shrink.out, lora, plan.expand)
     for part in (shrink, expand):
         launch.steps += part.steps
         launch.records += part.records
@@ -615,110 +479,44 @@ def plan_multi_lora_linear(
 
 def plan_lora_shrink(
     x: Tensor,
-    lora_a: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    meta: LaunchMeta,
+    lora: LoRAArgs,
     config: dispatch.ShrinkConfig | None = None,
     split_k: int | None = None,
 ) -> Launch:
-    """Checked :func:`plan_shrink` with the dispatch table's config unless one is given."""
-    _check_meta(meta)
-    _check(
-        x,
-        {
-            "lora_a": lora_a,
-            "slot_start": slot_start,
-            "slot_rank": slot_rank,
-            "row_ptr": row_ptr,
-            "entry_ptr": entry_ptr,
-            "entry_slot": entry_slot,
-        },
-        _INDEX_DTYPES,
-    )
+    """Checked :func:`plan_shrink` with the dispatch table's config unless one is given
+    (reads ``lora_a``, ``slot_start``, ``slot_rank`` and the first three batch tensors)."""
+    _check_meta(lora.meta)
+    _check(x, _tensors(lora, for_kernel="shrink"), _INDEX_DTYPES)
     copies: list[tuple[Tensor, Tensor]] = []
-    x, lora_a = canonical(x, copies), canonical(lora_a, copies)
+    x = canonical(x, copies)
+    lora = _canonical_lora(lora, copies, "lora_a")
     m, k = x.shape
-    r_cap = meta.max_entries * meta.max_rank
+    r_cap = lora.meta.max_entries * lora.meta.max_rank
     if split_k is None:
-        split_k = dispatch.split_k_for(m, k, meta.max_rows, r_cap, _sm_count(x.device))
+        split_k = dispatch.split_k_for(m, k, lora.meta.max_rows, r_cap, _sm_count(x.device))
     if config is None:
         config = dispatch.shrink_config(r_cap, _dtype_name(x), arch=_arch(x.device))
-    return _prepend_copies(
-        plan_shrink(
-            x,
-            lora_a,
-            slot_start,
-            slot_rank,
-            row_ptr,
-            entry_ptr,
-            entry_slot,
-            meta,
-            config,
-            split_k,
-        ),
-        copies,
-    )
+    return _prepend_copies(plan_shrink(x, lora, config, split_k), copies)
 
 
 def plan_lora_expand(
-    y: Tensor,
-    t: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
-    meta: LaunchMeta,
-    config: dispatch.ExpandConfig | None = None,
+    y: Tensor, t: Tensor, lora: LoRAArgs, config: dispatch.ExpandConfig | None = None
 ) -> Launch:
-    """Checked :func:`plan_expand` with the dispatch table's config unless one is given."""
-    _check_meta(meta)
+    """Checked :func:`plan_expand` with the dispatch table's config unless one is given
+    (reads every bank and batch tensor but ``lora_a``)."""
+    _check_meta(lora.meta)
     if not _is_canonical(y):
         raise ValueError(
             "y: the triton expand adds in place into contiguous rows starting 16-byte aligned; "
             f"got strides {tuple(y.stride())}"
         )
-    _check(
-        y,
-        {
-            "t": t,
-            "lora_bt": lora_bt,
-            "slot_start": slot_start,
-            "slot_rank": slot_rank,
-            "slot_scale": slot_scale,
-            "row_ptr": row_ptr,
-            "entry_ptr": entry_ptr,
-            "entry_slot": entry_slot,
-            "entry_weight": entry_weight,
-        },
-        _INDEX_DTYPES,
-    )
+    _check(y, {"t": t, **_tensors(lora, for_kernel="expand")}, _INDEX_DTYPES)
     copies: list[tuple[Tensor, Tensor]] = []
-    lora_bt, t = canonical(lora_bt, copies), _canonical_t(t, copies)
+    lora = _canonical_lora(lora, copies, "lora_bt")
+    t = _canonical_t(t, copies)
     if config is None:
         config = dispatch.expand_config(y.shape[1], _dtype_name(y, "y"), arch=_arch(y.device))
-    expand = plan_expand(
-        y,
-        t,
-        lora_bt,
-        slot_start,
-        slot_rank,
-        slot_scale,
-        row_ptr,
-        entry_ptr,
-        entry_slot,
-        entry_weight,
-        meta,
-        config,
-    )
-    return _prepend_copies(expand, copies)
+    return _prepend_copies(plan_expand(y, t, lora, config), copies)
 
 
 def plan_fused_segmented(
@@ -728,16 +526,7 @@ def plan_fused_segmented(
     seg_weight: Tensor,
     seg_lora: Tensor,
     bias: Tensor | None,
-    lora_a: Tensor,
-    lora_bt: Tensor,
-    slot_start: Tensor,
-    slot_rank: Tensor,
-    slot_scale: Tensor,
-    row_ptr: Tensor,
-    entry_ptr: Tensor,
-    entry_slot: Tensor,
-    entry_weight: Tensor,
-    meta: LaunchMeta,
+    lora: LoRAArgs,
     config: dispatch.FusedConfig | None = None,
 ) -> Launch:
     """One launch of :mod:`.segmented`: per sample the base or a merged weight, with or
@@ -749,25 +538,12 @@ def plan_fused_segmented(
     """
     from .segmented import _fused_segmented_kernel
 
+    meta = lora.meta
     _check_meta(meta)
+    segments = {"merged": merged, "seg_weight": seg_weight, "seg_lora": seg_lora}
     _check(
         x,
-        {
-            "weight": weight,
-            "merged": merged,
-            "seg_weight": seg_weight,
-            "seg_lora": seg_lora,
-            "bias": bias,
-            "lora_a": lora_a,
-            "lora_bt": lora_bt,
-            "slot_start": slot_start,
-            "slot_rank": slot_rank,
-            "slot_scale": slot_scale,
-            "row_ptr": row_ptr,
-            "entry_ptr": entry_ptr,
-            "entry_slot": entry_slot,
-            "entry_weight": entry_weight,
-        },
+        {"weight": weight, **segments, "bias": bias, **_tensors(lora)},
         {**_INDEX_DTYPES, "seg_weight": torch.int32, "seg_lora": torch.int32},
     )
     dtype = _dtype_name(x)
@@ -777,7 +553,7 @@ def plan_fused_segmented(
         )
     m, k = x.shape
     n = weight.shape[0]
-    s = row_ptr.numel() - 1
+    s = lora.batch.row_ptr.numel() - 1
     if k % 16 or n % 16:
         raise ValueError(f"weight: K={k} and N={n} must be multiples of 16 for the fused kernel")
     if merged.dim() != 3 or tuple(merged.shape[1:]) != (n, k):
@@ -790,71 +566,27 @@ def plan_fused_segmented(
                 f"{name}: expected a contiguous [S={s}] tensor, got {tuple(seg.shape)}"
             )
     copies: list[tuple[Tensor, Tensor]] = []
-    x, lora_a, lora_bt = canonical(x, copies), canonical(lora_a, copies), canonical(lora_bt, copies)
+    x = canonical(x, copies)
+    lora = _canonical_lora(lora, copies, "lora_a", "lora_bt")
     bias = None if bias is None else canonical(bias, copies)
-    r_cap = meta.max_entries * meta.max_rank
+    bank, batch = lora.bank, lora.batch
     if config is None:
         rows = max(1, min(meta.max_rows, m)) if m else 1
         arch = _arch(x.device)
-        config = dispatch.fused_config(rows, n, r_cap, dtype, arch=arch)
+        config = dispatch.fused_config(rows, n, meta.max_entries * meta.max_rank, dtype, arch=arch)
         config = dispatch.segmented_config(config, arch)
-    if r_cap > config.block_r and not config.multi_block:
-        raise ValueError(
-            f"config: block_r={config.block_r} without multi_block cannot hold the summed rank "
-            f"capacity {r_cap} (meta.max_entries * meta.max_rank)"
-        )
+    _check_fused_capacity(config, meta)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     launch = Launch(y)
     if m == 0 or n == 0:
         return launch
     grid = _row_tiles(m, s, config.block_m) * _cdiv(n, config.block_n)
     args = (
-        x,
-        weight,
-        merged,
-        seg_weight,
-        seg_lora,
-        bias,
-        lora_a,
-        lora_bt,
-        slot_start,
-        slot_rank,
-        slot_scale,
-        row_ptr,
-        entry_ptr,
-        entry_slot,
-        entry_weight,
-        y,
-        n,
-        k,
-        s,
-        merged.shape[0],
-        meta.max_entries,
-        meta.max_rank,
-        slot_rank.numel(),
-        lora_a.shape[0],
-        x.stride(0),
-        x.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        n * k,
-        lora_a.stride(0),
-        lora_a.stride(1),
-        lora_bt.stride(0),
-        lora_bt.stride(1),
-        y.stride(0),
-        y.stride(1),
+        *(x, weight, merged, seg_weight, seg_lora, bias, *bank, *batch, y),
+        *(n, k, s, merged.shape[0], *_capacities(lora, bank.lora_a)),
+        *(*x.stride(), *weight.stride(), n * k, *bank.lora_a.stride(), *bank.lora_bt.stride()),
+        *y.stride(),
     )
-    consts = {
-        "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n,
-        "BLOCK_K": config.block_k,
-        "BLOCK_R": config.block_r,
-        "BLOCK_S": _BLOCK_S,
-        "MULTI_BLOCK": config.multi_block,
-        "SPLIT_T": True,
-        **_numerics(dtype, interpreting()),
-    }
-    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    _add_kernel(launch, _fused_segmented_kernel, grid, args, consts, opts)
+    consts = _consts(config, dtype, MULTI_BLOCK=config.multi_block, SPLIT_T=True)
+    _add_kernel(launch, _fused_segmented_kernel, grid, args, consts, _opts(config))
     return _prepend_copies(launch, copies)
