@@ -22,11 +22,12 @@ of "always merge" and "never merge", whatever the number of future steps), so a 
 never merges and a 30-step request merges after a few steps.
 
 Numerics of merged groups: ``W_g`` is computed in float32 (``W.float() + Σ (w·s·B) @ A`` with
-``B``, ``A`` in float32) and stored in the dtype the base GEMM runs in: float32 on CPUs where
+``B``, ``A`` in float32) and stored in the dtype the merged GEMM runs in: float32 where
 half-precision inputs are upcast (then nothing is rounded before the output's single
-rounding), the input dtype where the base GEMM runs natively in bf16/fp16 (rounded once, as
-``fuse_lora`` does; its error is ``|W_g|·2^-9`` per weight in bf16). Merged output rows are
-``x @ W_g.T + b`` accumulated in the GEMM's precision and rounded once to ``x.dtype``.
+rounding), the input dtype where the calibration chose the native bf16/fp16 GEMM (rounded
+once, as ``fuse_lora`` does; its error is ``|W_g|·2^-9`` per weight in bf16). Merged output
+rows are ``x @ W_g.T + b`` accumulated in float32 inside the GEMM and rounded once to
+``x.dtype``; the rank intermediate of unmerged rows stays float32 (see kernels/cpu.py).
 
 Overrides (first match wins): the ``plan=`` argument of :func:`lorakernels.multi_lora_linear`,
 the innermost :func:`use_plan` context, the ``LORAKERNELS_PLAN`` environment variable, then

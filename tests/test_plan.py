@@ -480,3 +480,28 @@ def test_dropping_a_layer_frees_its_entries():
 
     gc.collect()
     assert plan.CACHE.bytes == 0 and len(plan.CACHE) == 0
+
+
+def test_threads_share_the_caches_safely():
+    """Two threads, two batches, one layer, merged and unmerged interleaved: every output is
+    its own batch's (the host-plan and merged-weight caches are shared and locked)."""
+    import threading
+
+    p, slots, mixtures, batch = stale_problem()
+    other = [{slots[2]: 0.3}, {}, {slots[0]: -1.0}, {slots[1]: 2.0}]
+    batches = [(mixtures, batch), (other, lk.LoRABatch.from_mixtures(other))]
+    oracles = [bank_oracle(p, m) for m, _ in batches]
+    errors: list[float] = []
+
+    def work(i: int) -> None:
+        _, b = batches[i]
+        for j in range(20):
+            y = run(p, ("merged", "unmerged", "auto")[j % 3], batch=b)
+            errors.append(float((y.double() - oracles[i]).abs().max()))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 40 and max(errors) <= 1e-4 * float(max(o.abs().max() for o in oracles))

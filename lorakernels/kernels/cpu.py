@@ -30,15 +30,18 @@ Why this shape (measured on our 2-core AVX-512 CPUs, 16 samples, 8 rank-16 adapt
   key is the tensors' identities and ``_version`` counters (no ``.tolist()`` on a hit).
 
 Numerics: float32 compute for float32/float16/bfloat16 inputs, float64 for float64; the rank
-intermediate ``t`` is float32 (or float64); one rounding to ``x.dtype`` at the end. Half
-precision: the base GEMM runs in float32 (``x`` upcast, ``W`` upcast once and cached) unless
-the CPU has native instructions for the dtype (avx512_bf16/amx_bf16, avx512_fp16/amx_fp16) AND
-the calibration measured the native GEMM faster at this shape (``plan.choose_precision``);
-oneDNN's bf16 GEMM measured 1.3-2x slower than float32 on an avx512_bf16 Xeon (no AMX), and
-3-4x slower where bf16 is emulated. In native mode an unmerged row is
-``round(round(x @ W.T + b) + t @ B)``: torch's CPU GEMM has no float32 output for half inputs,
-so the base is rounded once before the (float32) LoRA term is added and rounded again; merged
-rows are rounded once.
+intermediate ``t`` is float32 (or float64); one rounding to ``x.dtype`` at the end.
+
+Half precision by ISA (issue 10 B): rows that run *unmerged* always compute in float32 (``x``
+upcast, ``W`` upcast once and cached per layer): torch's CPU GEMM has no float32 output for
+half inputs, so a native half base GEMM would round the base before the float32 LoRA term is
+added (two roundings). *Merged* groups, and layers where no sample uses an adapter, run the
+native half GEMM (``F.linear`` in the dtype, one rounding; merged weights rounded once, see
+:mod:`lorakernels.plan`) when the CPU has the instructions (avx512_bf16/amx_bf16,
+avx512_fp16/amx_fp16) AND the calibration measured it faster at this shape than the float32
+GEMM plus the conversions (``plan.choose_precision``). Measured on an avx512_bf16 Xeon without
+AMX (oneDNN's avx512_core_bf16 brgemm, 1 thread): bf16 ran 1.6-2.6x slower than float32 at SD
+shapes, so bf16 stays upcast there; where bf16 is emulated it is 3-4x slower and never chosen.
 
 Autograd: when ``x`` or ``weight`` requires grad, everything runs unmerged (a cached merged
 weight is not connected to ``W``). float64 always runs unmerged (it is the oracle's dtype).
