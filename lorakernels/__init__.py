@@ -13,6 +13,7 @@ from .batch import LoRABatch
 from .manager import MultiLoRA
 from .modules import LoRAContext, MultiLoRAConv2d, MultiLoRALinear
 from .ops import BACKENDS, multi_lora_conv2d, multi_lora_linear, resolve_backend, use_backend
+from .plan import use_plan
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "multi_lora_linear",
     "resolve_backend",
     "use_backend",
+    "use_plan",
 ]

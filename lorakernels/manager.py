@@ -139,6 +139,10 @@ class MultiLoRA:
         backend: backend for every patched layer (``None``: the usual resolution, see ``ops``).
         component: which part of a LoRA file this model is (``"unet"``, ``"text_encoder"``,
             …); ``None`` takes a file's only component.
+        plan: ``"auto"``, ``"merged"`` or ``"unmerged"`` for every patched layer (merged
+            weights or the unmerged LoRA term per group of samples, see
+            :mod:`lorakernels.plan`); ``None``: :func:`~lorakernels.plan.use_plan` /
+            ``LORAKERNELS_PLAN`` / auto.
 
     Thread safety: ``use()`` may be entered from several threads or asyncio tasks at once;
     each sees its own batch (eager mode; see :class:`~lorakernels.modules.LoRAContext` for
@@ -158,6 +162,7 @@ class MultiLoRA:
         resident_bytes: int | None = None,
         backend: str | None = None,
         component: str | None = None,
+        plan: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -170,7 +175,7 @@ class MultiLoRA:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{arg} must be an int >= 1 or None, got {v!r}")
         self.model = model
-        self.context = LoRAContext(backend)
+        self.context = LoRAContext(backend, plan)
         self.library = library if library is not None else AdapterLibrary()
         self.component = component
         self.auto_patch = targets is None

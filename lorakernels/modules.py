@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .bank import LoRABank
 from .batch import LoRABatch
-from .ops import multi_lora_conv2d, multi_lora_linear
+from .ops import check_plan, multi_lora_conv2d, multi_lora_linear
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -53,8 +53,11 @@ class LoRAContext:
     are inside at once (eager mode needs no such restriction).
     """
 
-    def __init__(self, backend: str | None = None) -> None:
+    def __init__(self, backend: str | None = None, plan: str | None = None) -> None:
         self.backend = backend
+        # merged/unmerged override for every layer (lorakernels.plan); checked here, not at
+        # the first forward
+        self.plan = None if plan is None else check_plan(plan, "plan")
         self._var: contextvars.ContextVar[LoRABatch | None] = contextvars.ContextVar(
             f"lorakernels_batch_{id(self)}", default=None
         )
@@ -181,8 +184,9 @@ class MultiLoRALinear(nn.Linear):
     def _compute(self, x: Tensor, batch: LoRABatch | None) -> Tensor:
         if batch is None:
             return F.linear(x, self.weight, self.bias)
+        ctx = self.lora_context
         return multi_lora_linear(
-            x, self.weight, self.bias, self.lora_bank, batch, backend=self.lora_context.backend
+            x, self.weight, self.bias, self.lora_bank, batch, backend=ctx.backend, plan=ctx.plan
         )
 
     def unpatched(self) -> nn.Linear:
@@ -245,7 +249,15 @@ class MultiLoRAConv2d(nn.Conv2d):
             # [B, H*W, C]: ops checks B against the batch's sample count
             rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
             weight = self.weight.view(self.out_channels, c)
-            y = multi_lora_linear(rows, weight, self.bias, self.lora_bank, batch, backend=backend)
+            y = multi_lora_linear(
+                rows,
+                weight,
+                self.bias,
+                self.lora_bank,
+                batch,
+                backend=backend,
+                plan=self.lora_context.plan,
+            )
             y = y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
             # give back the input's memory format: a channels-last view leaking into an NCHW
             # model makes oneDNN reorder every later 3x3 conv's weights (measured: SD1.5

@@ -44,6 +44,7 @@ from .batch import LoRABatch, _capturing
 from .kernels import BankTensors, ConvMeta, LaunchMeta, LoRAArgs
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+check_plan = _plan.check_plan  # for the modules, which reach the planner through ops only
 _MODULES = {
     "reference": "lorakernels.kernels.reference",
     "cpu": "lorakernels.kernels.cpu",

@@ -70,7 +70,8 @@ _call_plan: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
-def _check_plan(name: str, source: str) -> str:
+def check_plan(name: str, source: str) -> str:
+    """``name`` if it is a plan (``auto``, ``merged``, ``unmerged``), else ``ValueError``."""
     if name not in PLANS:
         raise ValueError(f"{source}: unknown plan {name!r}; choose one of {', '.join(PLANS)}")
     return name
@@ -90,7 +91,7 @@ def scoped(var: contextvars.ContextVar, value: object) -> Iterator[None]:
 @contextlib.contextmanager
 def use_plan(name: str) -> Iterator[None]:
     """Run the enclosed layer calls with plan ``name`` unless a call passes ``plan=``."""
-    with scoped(_context_plan, (*_context_plan.get(), _check_plan(name, "use_plan"))):
+    with scoped(_context_plan, (*_context_plan.get(), check_plan(name, "use_plan"))):
         yield
 
 
@@ -100,7 +101,7 @@ def call_plan(name: str | None) -> Iterator[None]:
     if name is None:
         yield
         return
-    with scoped(_call_plan, _check_plan(name, "plan=")):
+    with scoped(_call_plan, check_plan(name, "plan=")):
         yield
 
 
@@ -114,7 +115,7 @@ def resolve_plan() -> str:
         return stack[-1]
     env = os.environ.get("LORAKERNELS_PLAN")
     if env:
-        return _check_plan(env, "LORAKERNELS_PLAN")
+        return check_plan(env, "LORAKERNELS_PLAN")
     return "auto"
 
 

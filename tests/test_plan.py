@@ -9,6 +9,7 @@ from plain torch doing exactly that (``fuse_lora`` in the dtype).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -505,3 +506,36 @@ def test_threads_share_the_caches_safely():
     for t in threads:
         t.join()
     assert len(errors) == 40 and max(errors) <= 1e-4 * float(max(o.abs().max() for o in oracles))
+
+
+def test_manager_plan_overrides_every_layer():
+    """``MultiLoRA(plan=...)`` reaches every patched layer; a bad name fails at construction."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    mixes = [{"a": 1.0}, {"a": 1.0}, {"b": -0.5}, {}]
+    factors = {
+        n: {k: (torch.randn(4, 16), torch.randn(16, 4), 4.0) for k in ("0", "1")} for n in "ab"
+    }
+    x = torch.randn(4, 64, 16)
+    outs = {}
+    for mode in ("merged", "unmerged"):
+        m = copy.deepcopy(model)
+        mlora = lk.MultiLoRA(m, targets=["0", "1"], plan=mode)
+        for n, f in factors.items():
+            mlora.load(n, f)
+        plan.reset_summary()
+        with torch.no_grad(), mlora.use(mixes):  # autograd always runs unmerged
+            outs[mode] = m(x)
+        summary = plan.last_summary()["16x16"]
+        assert summary["calls"] == 2
+        if mode == "merged":
+            assert summary["merged_groups"] == 2 * 2 and summary["unmerged_groups"] == 0
+        else:
+            assert summary["merged_groups"] == 0 and summary["unmerged_groups"] == 2 * 2
+    # two fp32 formulations of the same sum: relative noise ~1e-6 of the output scale
+    scale = float(outs["unmerged"].abs().max())
+    torch.testing.assert_close(outs["merged"], outs["unmerged"], rtol=1e-4, atol=1e-5 * scale)
+    with pytest.raises(ValueError, match="unknown plan 'fast'"):
+        lk.MultiLoRA(copy.deepcopy(model), plan="fast")
