@@ -443,14 +443,43 @@ def decide(
 def choose_precision(cal: Calibration, dtype: torch.dtype, m: int, k: int, n: int) -> str:
     """``"fp32"`` (upcast, one rounding) or the half dtype's name (native GEMM) for a layer.
 
-    Native only where the CPU has the instructions (:func:`native_half`) and the calibrated
-    rate, counting the upcast's conversions (``x`` to float32, ``y`` back), says it is faster.
+    Native only where the CPU has the instructions (:func:`native_half`) and it is faster.
+    With a measured calibration, "faster" is measured once per (dtype, rows rounded up to a
+    power of two, K, N, threads) at that very shape: the model's rates come from one mid-size
+    GEMM and miss what decides here (on a 2-core avx512_bf16 Xeon at (65536, 320, 320), 2
+    threads: bf16 ``F.linear`` 85 ms, the upcast path 106 ms of which 38 ms are the two dtype
+    conversions — 8x slower than a same-dtype copy, so the copy bandwidth underprices them).
+    A calibration set by hand (``measured_s == 0``, tests) is used as given, through the model.
     """
     name = _DTYPE_NAMES.get(dtype)
     if name is None or name == "fp32" or name not in cal.gemm_flops:
         return "fp32"
+    if cal.measured_s > 0:
+        # both paths scale with the rows past a few thousand: measure at most 8192 (a first
+        # use of SDXL's 65536 x 1280 x 1280 would otherwise spend ~6 s measuring)
+        rows = min(1 << max(0, m - 1).bit_length(), 8192)
+        key = (name, rows, k, n, torch.get_num_threads())
+        hit = _PRECISION.get(key)
+        if hit is None:
+            hit = _PRECISION[key] = _measure_precision(dtype, name, rows, k, n)
+        return hit
     up = gemm_time(cal, m, k, n, "fp32") + (m * k * 6 + m * n * 6) / cal.bandwidth
     native = gemm_time(cal, m, k, n, name)
+    return name if native < up else "fp32"
+
+
+_PRECISION: dict[tuple, str] = {}
+
+
+def _measure_precision(dtype: torch.dtype, name: str, m: int, k: int, n: int) -> str:
+    """Time native ``F.linear`` in ``dtype`` against the upcast path (``x`` to float32, the
+    float32 GEMM with a cached float32 weight, the result back to ``dtype``) at this shape."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w32 = torch.randn(n, k, generator=gen) / math.sqrt(k)
+    w = w32.to(dtype)
+    native = _best_time(lambda: F.linear(x, w), reps=2)
+    up = _best_time(lambda: F.linear(x.float(), w32).to(dtype), reps=2)
     return name if native < up else "fp32"
 
 

@@ -539,3 +539,25 @@ def test_manager_plan_overrides_every_layer():
     torch.testing.assert_close(outs["merged"], outs["unmerged"], rtol=1e-4, atol=1e-5 * scale)
     with pytest.raises(ValueError, match="unknown plan 'fast'"):
         lk.MultiLoRA(copy.deepcopy(model), plan="fast")
+
+
+def test_half_precision_crossover_is_measured_once_per_shape(monkeypatch):
+    """With a measured calibration the native-vs-upcast choice is a measurement at the layer's
+    shape (rows rounded up to a power of two, capped), memoised; a hand-set one uses the model."""
+    calls = []
+
+    def fake_measure(dtype, name, m, k, n):
+        calls.append((name, m, k, n))
+        return name if k == 320 else "fp32"
+
+    monkeypatch.setattr(plan, "_measure_precision", fake_measure)
+    monkeypatch.setattr(plan, "_PRECISION", {})
+    cal = fake_calibration(gemm_flops={"fp32": 1e11, "bf16": 1e9})
+    assert plan.choose_precision(cal, torch.bfloat16, 4000, 320, 320) == "fp32"  # model: slow
+    assert calls == []
+    cal = fake_calibration(gemm_flops={"fp32": 1e11, "bf16": 1e9}, measured_s=1.0)
+    assert plan.choose_precision(cal, torch.bfloat16, 4000, 320, 320) == "bf16"
+    assert plan.choose_precision(cal, torch.bfloat16, 3000, 320, 320) == "bf16"  # same bucket
+    assert plan.choose_precision(cal, torch.bfloat16, 65536, 640, 640) == "fp32"
+    assert calls == [("bf16", 4096, 320, 320), ("bf16", 8192, 640, 640)]
+    assert plan.choose_precision(cal, torch.float32, 4000, 320, 320) == "fp32"
