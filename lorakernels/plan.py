@@ -445,7 +445,7 @@ def choose_precision(cal: Calibration, dtype: torch.dtype, m: int, k: int, n: in
 
     Native only where the CPU has the instructions (:func:`native_half`) and it is faster.
     With a measured calibration, "faster" is measured once per (dtype, rows rounded up to a
-    power of two, K, N, threads) at that very shape: the model's rates come from one mid-size
+    power of two, K, N, threads) at that shape: the model's rates come from one mid-size
     GEMM and miss what decides here (on a 2-core avx512_bf16 Xeon at (65536, 320, 320), 2
     threads: bf16 ``F.linear`` 85 ms, the upcast path 106 ms of which 38 ms are the two dtype
     conversions — 8x slower than a same-dtype copy, so the copy bandwidth underprices them).
@@ -455,9 +455,10 @@ def choose_precision(cal: Calibration, dtype: torch.dtype, m: int, k: int, n: in
     if name is None or name == "fp32" or name not in cal.gemm_flops:
         return "fp32"
     if cal.measured_s > 0:
-        # both paths scale with the rows past a few thousand: measure at most 8192 (a first
-        # use of SDXL's 65536 x 1280 x 1280 would otherwise spend ~6 s measuring)
-        rows = min(1 << max(0, m - 1).bit_length(), 8192)
+        # rows matter: at (8192, 320, 320) the upcast path wins (7.4 vs 10.2 ms), at 65536 rows
+        # native bf16 does (89 vs 113 ms: float32 rows no longer fit the caches), so measure at
+        # the bucket's size (one-time cost: about 2 s for the largest SD layer on 2 cores)
+        rows = 1 << max(0, m - 1).bit_length()
         key = (name, rows, k, n, torch.get_num_threads())
         hit = _PRECISION.get(key)
         if hit is None:
@@ -478,8 +479,9 @@ def _measure_precision(dtype: torch.dtype, name: str, m: int, k: int, n: int) ->
     x = torch.randn(m, k, generator=gen).to(dtype)
     w32 = torch.randn(n, k, generator=gen) / math.sqrt(k)
     w = w32.to(dtype)
-    native = _best_time(lambda: F.linear(x, w), reps=2)
-    up = _best_time(lambda: F.linear(x.float(), w32).to(dtype), reps=2)
+    reps = 2 if m * k * n < 2**32 else 1  # one timed call each for the largest layers
+    native = _best_time(lambda: F.linear(x, w), reps=reps)
+    up = _best_time(lambda: F.linear(x.float(), w32).to(dtype), reps=reps)
     return name if native < up else "fp32"
 
 

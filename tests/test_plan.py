@@ -543,7 +543,7 @@ def test_manager_plan_overrides_every_layer():
 
 def test_half_precision_crossover_is_measured_once_per_shape(monkeypatch):
     """With a measured calibration the native-vs-upcast choice is a measurement at the layer's
-    shape (rows rounded up to a power of two, capped), memoised; a hand-set one uses the model."""
+    shape (rows rounded up to a power of two), memoised; a hand-set one uses the model."""
     calls = []
 
     def fake_measure(dtype, name, m, k, n):
@@ -559,5 +559,5 @@ def test_half_precision_crossover_is_measured_once_per_shape(monkeypatch):
     assert plan.choose_precision(cal, torch.bfloat16, 4000, 320, 320) == "bf16"
     assert plan.choose_precision(cal, torch.bfloat16, 3000, 320, 320) == "bf16"  # same bucket
     assert plan.choose_precision(cal, torch.bfloat16, 65536, 640, 640) == "fp32"
-    assert calls == [("bf16", 4096, 320, 320), ("bf16", 8192, 640, 640)]
+    assert calls == [("bf16", 4096, 320, 320), ("bf16", 65536, 640, 640)]
     assert plan.choose_precision(cal, torch.float32, 4000, 320, 320) == "fp32"

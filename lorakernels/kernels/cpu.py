@@ -466,7 +466,12 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
     cal = None
     if not grad and ((mode == "auto" and active) or half):
         cal = _planner.calibration()
-    native = half and cal is not None and _planner.choose_precision(cal, x.dtype, m, k, n) != "fp32"
+    # the half-precision GEMMs run per run of a group's rows when adapters are active (the
+    # crossover depends on rows: upcast wins at 8192 x 320 x 320, native at 65536)
+    m_gemm = max((r1 - r0 for runs in h.group_runs for r0, r1 in runs), default=m) if active else m
+    native = (
+        half and cal is not None and _planner.choose_precision(cal, x.dtype, m_gemm, k, n) != "fp32"
+    )
     prec = _DTYPE_NAME.get(x.dtype if native else ct, "fp32")
     mdt = x.dtype if native else ct  # merged GEMMs (and rows without adapters) run in mdt
     cache = _planner.CACHE
