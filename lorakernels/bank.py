@@ -26,7 +26,7 @@ doubles its buffers when full, which reallocates (invalidates captured CUDA grap
 ``growable=False`` raises :class:`BankFullError` instead (the residency pool then evicts).
 
 Slot ids: :meth:`register` marks a slot id as holding an adapter whose weights in this layer
-may be absent (rank 0, legal); :meth:`check_slots` raises for ids that are neither registered
+may be absent (rank 0, legal); ``multi_lora_linear`` raises for ids that are neither registered
 nor resident, so a mixture naming an empty slot cannot silently run as the base model.
 ``slot_version[slot]`` (host ints) increases on every add and remove of that slot, and
 ``version`` on every change of the bank: caches of merged weights key on them.
@@ -38,7 +38,6 @@ nor resident, so a mixture naming an empty slot cannot silently run as the base 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -252,15 +251,9 @@ class LoRABank(nn.Module):
         """Forget ``slot`` as an id (its weights, if any, must have been removed)."""
         self._h.registered.discard(int(slot))
 
-    def check_slots(self, slots: Iterable[int]) -> None:
-        """Raise ``KeyError`` naming every slot id that holds no adapter at all."""
-        h = self._h
-        bad = sorted(s for s in slots if s not in h.slots and s not in h.registered)
-        if bad:
-            raise KeyError(
-                f"slot id(s) {bad} hold no adapter (resident slots: "
-                f"{sorted(h.registered | set(h.slots)) or 'none'})"
-            )
+    def is_registered(self, slot: int) -> bool:
+        """Whether ``slot`` is an adapter's id for this bank's manager (resident here or not)."""
+        return slot in self._h.registered
 
     # ------------------------------------------------------------------ capacity
     def reserve(self, rows: int, slots: int) -> None:

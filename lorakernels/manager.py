@@ -856,9 +856,9 @@ class MultiLoRA:
             batch = mixtures
             with self._lock:
                 by_slot = {s: n for n, s in self.slots.items()}
-                # raises naming slot ids that hold no adapter; a slot of an adapter without
-                # weights in some layer is then legal there (rank 0)
-                batch.bind_slots(by_slot)
+                unknown = sorted(batch.slots_in_use() - set(by_slot))
+                if unknown:
+                    raise KeyError(f"batch uses slot ids {unknown} that hold no loaded adapter")
                 names = {by_slot[s] for s in batch.slots_in_use()}
                 self.pool.acquire(names)
                 self._active_batches[id(batch)] += 1

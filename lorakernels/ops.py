@@ -215,11 +215,17 @@ def _check_batch(
         )
     known = batch.known_slots
     for slot in batch.used_slots:
-        if slot not in bank and (known is None or slot not in known):
+        # legal: resident here, or an adapter's slot id without weights in this layer (rank 0)
+        # that the bank's manager registered or the batch's name -> slot table names
+        if (
+            slot not in bank
+            and not bank.is_registered(slot)
+            and (known is None or slot not in known)
+        ):
             raise ValueError(
-                f"batch uses slot {slot}, which holds no adapter: it is not resident in this "
-                "layer's bank and the batch was built without a name -> slot table naming it "
-                "(pass slots= to LoRABatch.from_mixtures, or load the adapter)"
+                f"batch uses slot {slot}, which holds no adapter: it is neither resident in nor "
+                "registered with this layer's bank, and the batch was built without a name -> "
+                "slot table naming it (pass slots= to LoRABatch.from_mixtures, or load the adapter)"
             )
 
 

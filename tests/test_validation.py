@@ -71,15 +71,17 @@ def test_manager_adapter_without_weights_in_a_layer_is_rank_zero_there():
         model(x)  # each adapter is absent from one layer: no error
     with pytest.raises(KeyError, match="slot 7"), mlora.use([{7: 1.0}, {}]):
         pass
-    # a batch of bare slot ids: straight to the op, a layer where the slot is not resident
-    # cannot tell "no weights here" from "no adapter" and refuses it ...
+    # a batch of bare slot ids: legal in every layer, because the manager registers its slot
+    # ids with every bank (rank 0 where the adapter has no weights), also straight to the op
     bare = lk.LoRABatch.from_mixtures([{mlora.slots["a"]: 1.0}, {}])
     layer1 = model[1]
-    with pytest.raises(ValueError, match="holds no adapter"):
-        lk.multi_lora_linear(x, layer1.weight, layer1.bias, layer1.lora_bank, bare)
-    # ... through the manager the batch is bound to its table: legal in every layer
+    lk.multi_lora_linear(x, layer1.weight, layer1.bias, layer1.lora_bank, bare)
     with mlora.use(bare):
         model(x)
+    # an id no manager registered, straight to the op: refused
+    stray = lk.LoRABatch.from_mixtures([{5: 1.0}, {}])
+    with pytest.raises(ValueError, match="slot 5, which holds no adapter"):
+        lk.multi_lora_linear(x, layer1.weight, layer1.bias, layer1.lora_bank, stray)
     with mlora.use(bare.bind_slots(mlora.slots.values())):
         model(x)
     with pytest.raises(KeyError, match=r"\[7\]"):
