@@ -203,6 +203,7 @@ class MultiLoRA:
 
         candidates = self._candidates(model, targets)
         rows = None
+        biggest = self._largest_known_rank()  # (name, rank) of the library's largest adapter
         if resident_bytes is not None:
             per_row = self.bytes_per_row(model, targets)
             if per_row == 0:
@@ -213,7 +214,6 @@ class MultiLoRA:
                     f"resident_bytes={resident_bytes} is smaller than one adapter: a rank-1 "
                     f"adapter over the {len(candidates)} patchable layers takes {per_row} bytes"
                 )
-            biggest = self._largest_known_rank()
             if biggest is not None and biggest[1] > rows:
                 raise ValueError(
                     f"resident_bytes={resident_bytes} gives {rows} rank rows per layer, smaller "
@@ -221,11 +221,9 @@ class MultiLoRA:
                     f"{biggest[1] * per_row} bytes"
                 )
         self.pool = ResidencyPool(Budget(max_resident_adapters, resident_bytes, rows))
-        known = self._largest_known_rank()
-        self._rank_floor = known[1] if known is not None else 0
+        self._rank_floor = biggest[1] if biggest is not None else 0
         self._slot_cap = max_resident_adapters or (rows if rows is not None else None)
         if rows is None and max_resident_adapters is not None:
-            biggest = self._largest_known_rank()
             self._prealloc_rows = max_resident_adapters * (biggest[1] if biggest else 0)
         else:
             self._prealloc_rows = rows or 0
@@ -791,7 +789,8 @@ class MultiLoRA:
                     self._empty[name] = self.library.stamp(name)
                 else:  # a file rewritten with weights for this model is no longer empty
                     self._empty.pop(name, None)
-            self._check_budget(names, plans)
+            if plans:  # otherwise every adapter the batch needs is resident: it fits already
+                self._check_budget(names, plans)
             for name in sorted(names):
                 if name in self.slots:
                     self.pool.hits += 1

@@ -407,8 +407,6 @@ class DiffusersLoRA:
             out["negative_prompt_embeds"] = neg
         return out
 
-    _encode = encode
-
 
 def _expand(
     mixtures: Sequence[dict[str, float]], images_per_prompt: int, guidance: bool, uncond: bool

@@ -463,7 +463,9 @@ class DiffusionServer:
     def _prefetch(self) -> None:
         """Load the adapters of the next queued requests while others denoise."""
         with self.lock:
-            upcoming = [n for p in list(self._queue)[:8] for n in p.adapter_names]
+            upcoming = [n for p in itertools.islice(self._queue, 8) for n in p.adapter_names]
+            if not upcoming:  # called every step: nothing queued, nothing to submit
+                return
             try:
                 bridge.prefetch(self.handle, list(dict.fromkeys(upcoming)))
             except Exception:  # noqa: BLE001 - the request itself reports it at admission
