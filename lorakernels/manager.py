@@ -118,6 +118,14 @@ def _plain_conv(layer: MultiLoRAConv2d) -> nn.Conv2d:
     return conv
 
 
+def _rows_per_layer(plan: Plan) -> dict[str, int]:
+    """``{layer path: rank rows}`` an adapter's plan writes (its ``A`` factors' rows)."""
+    rows: dict[str, int] = {}
+    for path, a, _, _ in plan:
+        rows[path] = rows.get(path, 0) + a.shape[0]
+    return rows
+
+
 class MultiLoRA:
     """Patch ``model`` in place and serve many adapters at once.
 
@@ -489,9 +497,7 @@ class MultiLoRA:
     def _make_resident(self, name: str, plan: Plan, needed: set[str]) -> None:
         """Write ``plan`` into the banks under a fresh slot, evicting LRU adapters outside
         ``needed`` as the budget requires. Caller holds the lock. All-or-nothing."""
-        need_rows: dict[str, int] = {}
-        for path, a, _, _ in plan:
-            need_rows[path] = need_rows.get(path, 0) + a.shape[0]
+        need_rows = _rows_per_layer(plan)
         cap = self.pool.budget.rows_per_layer
         if cap is not None:
             too_big = {p: r for p, r in need_rows.items() if r > cap}
@@ -657,9 +663,7 @@ class MultiLoRA:
             raise errors[0]
 
     def _prefetch_fits(self, name: str, plan: Plan) -> bool:
-        need: dict[str, int] = {}
-        for path, a, _, _ in plan:
-            need[path] = need.get(path, 0) + a.shape[0]
+        need = _rows_per_layer(plan)
         # room after evicting everything evictable, without compaction (others may be reading)
         return self._fits(name, need) or bool(self.pool.victims(()))
 
@@ -826,8 +830,8 @@ class MultiLoRA:
                 for path, bank in self._banks.items():
                     rows[path] = rows.get(path, 0) + bank.rank_of(slot)
             else:
-                for path, a, _, _ in plans.get(name) or []:
-                    rows[path] = rows.get(path, 0) + a.shape[0]
+                for path, r in _rows_per_layer(plans.get(name) or []).items():
+                    rows[path] = rows.get(path, 0) + r
         over = {p: r for p, r in rows.items() if r > b.rows_per_layer}
         if over:
             p, r = next(iter(over.items()))
