@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..formats import LoRAFile, LoRAFormatError, LoRAFormatWarning, read_header, read_lora_file
+from ..formats.file_info import aliases as file_aliases
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -191,8 +192,10 @@ class AdapterLibrary:
         in-memory ``{component: {module_path: (A, B, alpha)}}`` dict; returns ``name``.
 
         ``strict`` is passed to :func:`~lorakernels.formats.read_lora_file` when the file is
-        read. Raises ``ValueError`` if ``name`` or an alias is taken by another adapter,
-        ``FileNotFoundError`` for a missing file, ``LoRAFormatError`` for a broken header.
+        read. A file's stem and ``ss_output_name`` also become aliases where no other adapter
+        spells them. Raises ``ValueError`` if ``name`` or a given alias is taken by another
+        adapter, ``FileNotFoundError`` for a missing file, ``LoRAFormatError`` for a broken
+        header.
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty string, got {name!r}")
@@ -205,6 +208,12 @@ class AdapterLibrary:
             meta, rank = (head[0], _header_rank(head[1])) if head is not None else ({}, None)
             info = AdapterInfo(name, aliases, str(path), meta, None, rank)
             entry = _Entry(info, path, strict, None, _stamp(path))
+            implied = [a for a in file_aliases(path.stem, meta) if a != name and a not in aliases]
+            with self._lock:
+                free = tuple(a for a in implied if a not in self._spellings)
+                entry.info = dataclasses.replace(info, aliases=aliases + free)
+                self._insert(entry)
+            return name
         else:
             _check_dict(name, source)
             with self._lock:
@@ -312,8 +321,7 @@ class AdapterLibrary:
                 LoRAFormatWarning,
                 stacklevel=4,
             )
-        output_name = meta.get("ss_output_name", "").strip()
-        aliases = (output_name,) if output_name and output_name != path.stem else ()
+        aliases = file_aliases(path.stem, meta)[1:]  # the stem is the name itself
         info = AdapterInfo(path.stem, aliases, str(path), meta, error, rank)
         return _Entry(info, path, True, folder, stamp)
 

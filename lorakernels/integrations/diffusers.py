@@ -38,7 +38,6 @@ from torch import nn
 
 from ..adapters import AdapterLibrary
 from ..batch import LoRABatch
-from ..formats import read_header
 from ..manager import MultiLoRA
 from ..prompt import parse_prompts
 
@@ -177,7 +176,7 @@ class DiffusersLoRA:
             raise ValueError(f"adapter {name!r} is already loaded (from {self.registry[name]})")
         added = name not in self.library
         if added:
-            self.library.add(name, path, self._free_aliases(path, name), strict=strict)
+            self.library.add(name, path, strict=strict)  # stem + ss_output_name where free
         elif self.library.info(name).path != str(path):
             raise ValueError(
                 f"adapter name {name!r} is taken by {self.library.info(name).path or 'in memory'}"
@@ -200,15 +199,6 @@ class DiffusersLoRA:
                 self.library.remove(name)
             raise
         return name
-
-    def _free_aliases(self, path: Path, name: str) -> tuple[str, ...]:
-        """The file's stem and ``ss_output_name`` where no other adapter spells so."""
-        head = read_header(path)
-        output = (head[0].get("ss_output_name", "").strip() if head is not None else "") or None
-        taken = self.library.spellings()
-        return tuple(
-            a for a in dict.fromkeys((path.stem, output)) if a and a != name and a not in taken
-        )
 
     def load_dir(self, folder: str | Path, *, lazy: bool = True) -> list[str]:
         """Register every LoRA file in ``folder`` by stem and ``ss_output_name`` alias through
