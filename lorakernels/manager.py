@@ -195,6 +195,7 @@ class MultiLoRA:
         self._banks: dict[str, LoRABank] = {}  # the layers' banks (module getattr costs ~1 µs)
         self._batches: dict[tuple[int, tuple[int, ...] | None], list[LoRABatch]] = {}
         self._active_batches: Counter[int] = Counter()  # batch id -> open use() blocks
+        self._held: dict[int, set[str]] = {}  # batch id -> adapters its open blocks hold
         self._owned: set[str] = set()  # library entries that load() created
         self._empty: dict[str, Any] = {}  # adapter -> stamp: known to have no layer here
         self._stamps: dict[str, Any] = {}  # resident adapter -> stamp of what the banks hold
@@ -888,6 +889,8 @@ class MultiLoRA:
                     self.pool.release(n for n in names if n in self.slots)
                 raise
             names = {n for n in names if n in self.slots}
+        with self._lock:
+            self._held.setdefault(id(batch), set()).update(names)
         self._wait_events(names)
         tid = threading.get_ident()
         with self._lock:
@@ -901,11 +904,40 @@ class MultiLoRA:
                 self._active_batches[id(batch)] -= 1
                 if self._active_batches[id(batch)] <= 0:
                     del self._active_batches[id(batch)]
+                    self._held.pop(id(batch), None)
                 self._open_threads[tid] -= 1
                 if not self._open_threads[tid]:
                     del self._open_threads[tid]
                 self.pool.release(names)
                 self._idle.notify_all()
+
+    def refill(self, batch: LoRABatch, mixtures: Sequence[Mixture]) -> None:
+        """Rewrite the strengths of ``batch``, the batch of an open :meth:`use` block, in place.
+
+        For strength schedules: the block's layers read the new strengths on their next call,
+        the batch tensors keep their identity (compiled graphs and captured CUDA graphs stay
+        valid, nothing recompiles). ``mixtures`` has one ``{adapter: strength}`` per sample, as
+        for :meth:`use`, and may name only adapters the block holds (those of the mixtures it
+        was opened with, strength-0 entries included): ``KeyError`` names any other, since
+        it could be evicted mid-block. Raises ``ValueError`` if no use() block has ``batch``
+        open and :class:`~lorakernels.batch.BatchCapacityError` if the entries outgrow it.
+        """
+        canon, names = self._canonical(mixtures)
+        with self._lock:
+            held = self._held.get(id(batch))
+            if held is None:
+                raise ValueError("batch: no open use() block of this manager has it")
+            if self.drop_empty:  # adapters without weights here were never held: skip them
+                names = {n for n in names if n not in self._empty}
+            outside = sorted(names - held)
+            if outside:
+                raise KeyError(
+                    f"mixtures name adapter(s) {outside} that the use() block does not hold; "
+                    "open the block with them (strength 0 holds an adapter without using it)"
+                )
+            if self.drop_empty:
+                canon = [{k: w for k, w in m.items() if k not in self._empty} for m in canon]
+            batch.fill_(canon, self.slots)
 
     def _wait_events(self, names: Iterable[str]) -> None:
         if not self._events:

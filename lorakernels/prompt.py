@@ -8,6 +8,8 @@ Grammar (A1111's extra-network tags; ``lyco`` is an alias of ``lora``):
 ``<lora:NAME:TE:UNET>``                separate strengths
 ``<lora:NAME:TE:UNET:DYN>``            a 4th positional item is DyLoRA's ``dyn`` rank (an int)
 ``<lora:NAME:…:te=X:unet=Y:dyn=R>``    named items override the positional ones, in any order
+``<lora:NAME:0.2@0,1@0.5>``            a UNet strength schedule: keyframes ``W@P`` (see below)
+``<lora:NAME:W:start=P:stop=Q>``       the UNet strength only from step ``P`` until step ``Q``
 ====================================== ===========================================================
 
 A tag is ``<`` + its type (``\\w+``) + ``:`` + items split on ``:`` + ``>``. Only the types ``lora``
@@ -20,6 +22,15 @@ encoder strength *after* a ``te=`` override, so ``<lora:x:te=0.5>`` gives both 0
 Weights are decimal numbers: sign, digits, optional exponent (``-0.5``, ``1e-1``, ``+.25``);
 ``nan``/``inf`` and Python's ``1_0`` are rejected. ``dyn`` must be an integer >= 1.
 
+Strength schedules (as sd-webui-loractl and LoRA Block Weight's ``start=``/``stop=`` offer; the
+rules are :mod:`lorakernels.schedule`'s): a UNet strength may be a comma list of keyframes
+``W@P`` (``W`` a strength, ``P < 1`` a fraction of the run, ``P >= 1`` a 0-based step index),
+interpolated linearly between keyframes; ``start=P``/``stop=P`` switch the UNet strength off
+before ``P`` and from ``P`` on. The text encoder runs once per prompt, so its strength cannot
+be scheduled: a single schedule item gives the text encoder the schedule's value at step 0 of
+a one-step run (positions ``P < 1`` resolve to step 0 there); a schedule in the ``te`` place
+next to a separate UNet strength, or in ``te=``, is an error.
+
 Semantics of the result (:class:`ParsedPrompt`):
 
 - ``tags``: every ``lora``/``lyco`` tag in order, strength 0 and unresolved ones included.
@@ -27,6 +38,11 @@ Semantics of the result (:class:`ParsedPrompt`):
   (``dict[canonical name, strength]``, empty dict = base model). A name used twice gets the *sum*
   of its strengths (stacked, as A1111 applies both). Entries whose (summed) strength is exactly 0
   are left out. Keys are in order of first appearance.
+- ``unet_schedule``: ``{canonical name: schedule}`` for adapters with a scheduled tag (summed
+  with the adapter's other tags, :class:`lorakernels.schedule.Summed`); their ``unet`` entry
+  holds the value at step 0 and stays in the mixture even when that is 0, so a consumer that
+  holds the mixture's adapters for a run holds these. A consumer that does not run schedules
+  must refuse a prompt with a non-empty ``unet_schedule`` rather than use ``unet`` alone.
 - ``dyn`` is parsed and kept on each :class:`LoraTag` only; lorakernels does not implement DyLoRA
   rank truncation yet, so the mixtures ignore it (a consumer should refuse or warn when it is set).
 
@@ -51,7 +67,8 @@ So ``"a cat, <lora:x:1>, sitting"`` → ``"a cat, sitting"`` and ``"<lora:x> a c
 Each tag's ``span`` indexes the *original* prompt, for callers that want another cleanup.
 
 Malformed tags (unclosed ``<lora:``, empty name, non-numeric or non-finite weight, a bad ``dyn``,
-more than 4 positional items, an unknown or repeated named item) raise ``ValueError`` naming the
+more than 4 positional items, an unknown or repeated named item, a keyframe that is not ``W@P``, a
+negative position, a scheduled text-encoder strength) raise ``ValueError`` naming the
 tag text and its 0-based character index in the prompt.
 """
 
@@ -62,8 +79,10 @@ import math
 import re
 import warnings
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from .schedule import Keyframes, Schedule, Summed
 
 __all__ = [
     "LoraTag",
@@ -77,6 +96,7 @@ __all__ = [
 OnUnknown = Literal["raise", "warn", "ignore"]
 _ON_UNKNOWN = ("raise", "warn", "ignore")
 _KINDS = ("lora", "lyco")
+_NAMED = ("te", "unet", "dyn", "start", "stop")
 
 # Any extra-network tag opener; the kind is checked afterwards so other types are skipped whole.
 _OPEN = re.compile(r"<(\w+):")
@@ -107,6 +127,7 @@ class LoraTag:
     dyn: int | None
     span: tuple[int, int]
     kind: str  # 'lora' | 'lyco'
+    schedule: Keyframes | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,7 @@ class ParsedPrompt:
     tags: tuple[LoraTag, ...]
     unet: dict[str, float]
     text_encoder: dict[str, float]
+    unet_schedule: dict[str, Schedule] = field(default_factory=dict)
 
 
 class UnknownLoraError(KeyError, ValueError):
@@ -208,16 +230,23 @@ def _parse(prompt: str, table: dict[str, str] | None, on_unknown: str, label: st
 
     unet: dict[str, float] = {}
     text_encoder: dict[str, float] = {}
+    terms: dict[str, list[Schedule]] = {}  # every tag's UNet strength, per adapter
     for tag in tags:
         if tag.adapter is None:
             continue
         unet[tag.adapter] = unet.get(tag.adapter, 0.0) + tag.unet
         text_encoder[tag.adapter] = text_encoder.get(tag.adapter, 0.0) + tag.te
+        terms.setdefault(tag.adapter, []).append(tag.schedule or tag.unet)
+    schedules: dict[str, Schedule] = {}
+    for name, parts in terms.items():
+        if any(isinstance(p, Keyframes) for p in parts):
+            schedules[name] = parts[0] if len(parts) == 1 else Summed(tuple(parts))
     return ParsedPrompt(
         text=_remove_spans(prompt, [t.span for t in tags]),
         tags=tuple(tags),
-        unet={k: v for k, v in unet.items() if v != 0.0},
+        unet={k: v for k, v in unet.items() if v != 0.0 or k in schedules},
         text_encoder={k: v for k, v in text_encoder.items() if v != 0.0},
+        unet_schedule=schedules,
     )
 
 
@@ -242,8 +271,10 @@ def _parse_tag(
             positional.append(item)
             continue
         key, value = key.strip(), value.strip()
-        if key not in ("te", "unet", "dyn"):
-            raise ValueError(f"{where}: unknown named item {key!r} (expected te=, unet=, dyn=)")
+        if key not in _NAMED:
+            raise ValueError(
+                f"{where}: unknown named item {key!r} (expected te=, unet=, dyn=, start=, stop=)"
+            )
         if key in named:
             raise ValueError(f"{where}: named item {key}= given twice")
         named[key] = value
@@ -252,12 +283,30 @@ def _parse_tag(
             f"{where}: too many items ({len(positional) + 1}); expected at most NAME:TE:UNET:DYN"
         )
 
-    te = _weight(positional[0], "weight", where) if positional else 1.0
+    te: float | Keyframes = _strength(positional[0], "weight", where) if positional else 1.0
     if "te" in named:
+        if "@" in named["te"]:
+            raise ValueError(
+                f"{where}: te= cannot be scheduled (the text encoder runs once per prompt); "
+                "schedule the UNet strength instead"
+            )
         te = _weight(named["te"], "te", where)
-    unet = _weight(positional[1], "UNet weight", where) if len(positional) > 1 else te
+    unet = _strength(positional[1], "UNet weight", where) if len(positional) > 1 else te
     if "unet" in named:
-        unet = _weight(named["unet"], "unet", where)
+        unet = _strength(named["unet"], "unet", where)
+    if isinstance(te, Keyframes):
+        if unet is not te:
+            raise ValueError(
+                f"{where}: the text-encoder strength cannot be scheduled (the text encoder "
+                "runs once per prompt); schedule the UNet strength instead"
+            )
+        te = te.at(0, 1)
+    window = {k: _position(named[k], k, where) for k in ("start", "stop") if k in named}
+    schedule = None
+    if isinstance(unet, Keyframes) or window:
+        points = unet.points if isinstance(unet, Keyframes) else ((0.0, unet),)
+        schedule = Keyframes(points, window.get("start"), window.get("stop"))
+        unet = schedule.at(0, 1)
     dyn = _dyn(positional[2], where) if len(positional) > 2 else None
     if "dyn" in named:
         dyn = _dyn(named["dyn"], where)
@@ -272,7 +321,16 @@ def _parse_tag(
             if on_unknown == "warn":
                 # stacklevel 4: parse_prompt(s) -> _parse -> _parse_tag -> here
                 warnings.warn(message + "; tag ignored", UnknownLoraWarning, stacklevel=4)
-    return LoraTag(name=name, adapter=adapter, te=te, unet=unet, dyn=dyn, span=span, kind=kind)
+    return LoraTag(
+        name=name,
+        adapter=adapter,
+        te=te,
+        unet=unet,
+        dyn=dyn,
+        span=span,
+        kind=kind,
+        schedule=schedule,
+    )
 
 
 def _weight(value: str, what: str, where: str) -> float:
@@ -282,6 +340,27 @@ def _weight(value: str, what: str, where: str) -> float:
     if not math.isfinite(out):  # the regex admits '1e999', which overflows to inf
         raise ValueError(f"{where}: {what} {value!r} is not a finite decimal number")
     return out
+
+
+def _strength(value: str, what: str, where: str) -> float | Keyframes:
+    """A strength, or keyframes ``W@P,W@P,...`` (a schedule) when the item has an ``@``."""
+    if "@" not in value:
+        return _weight(value, what, where)
+    points = []
+    for part in value.split(","):
+        w, at, p = part.partition("@")
+        if not at:
+            raise ValueError(f"{where}: keyframe {part.strip()!r} in {what} is not W@P")
+        points.append(
+            (_position(p.strip(), "keyframe position", where), _weight(w.strip(), what, where))
+        )
+    return Keyframes(tuple(points))
+
+
+def _position(value: str, what: str, where: str) -> float:
+    if _FLOAT.fullmatch(value) is None or float(value) < 0 or not math.isfinite(float(value)):
+        raise ValueError(f"{where}: {what} {value!r} must be a finite number >= 0")
+    return float(value)
 
 
 def _dyn(value: str, where: str) -> int:

@@ -20,6 +20,8 @@ Batch semantics (documented choices):
 * The UNet batch is ``[uncond (P x images), cond (P x images)]`` (diffusers' order); each prompt's
   UNet strengths apply to all its images and to both guidance halves (as A1111 does);
   ``uncond_lora=False`` gives the unconditional half the base UNet instead.
+* Strength schedules (``<lora:ink:0.2@0,1@0.5>`` or ``lora_schedules=``): the UNet strengths
+  change per denoising step inside the one batch, see :mod:`.step_strengths`.
 * Cross-attention K/V cache (``cache_cross_attention=True``): ``attn2.to_k``/``to_v`` see only
   the prompt embedding, identical at every step, so their outputs (base + LoRA) are computed at
   the first step and reused; the result equals the uncached run exactly.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +42,8 @@ from ..adapters import AdapterLibrary
 from ..batch import LoRABatch
 from ..manager import MultiLoRA
 from ..prompt import parse_prompts
+from ..schedule import Schedule, check_schedule
+from .step_strengths import StepStrengths
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -312,6 +316,7 @@ class DiffusersLoRA:
         uncond_lora: bool = True,
         cache_cross_attention: bool = True,
         on_unknown: Literal["raise", "warn", "ignore"] = "raise",
+        lora_schedules: Sequence[Mapping[str, Schedule] | None] | None = None,
         **pipe_kwargs: Any,
     ) -> Any:
         """Run the pipeline on ``prompts``, each with its own ``<lora:…>`` tags, in one batch.
@@ -321,6 +326,14 @@ class DiffusersLoRA:
         pipeline runs with per-prompt text-encoder mixtures and per-sample UNet mixtures.
         Extra keyword arguments go to the pipeline (``num_inference_steps``, ``generator``,
         ``height``, ``width``, ``output_type``, …). Returns the pipeline's output.
+
+        Strength schedules (UNet strength per denoising step, :mod:`lorakernels.schedule`):
+        from the prompt syntax (``<lora:ink:0.2@0,1@0.5>``, ``<lora:ink:1:start=5:stop=15>``)
+        or ``lora_schedules``, one ``{adapter: schedule}`` mapping (or ``None``) per prompt,
+        where a schedule is a number, a list of per-step strengths or a callable
+        ``(step, sigma) -> strength``; it replaces that prompt's UNet strength for the adapter
+        (its text-encoder strength stays the tag's). The whole call is one batch whose
+        strengths are rewritten in place before each UNet call (:mod:`.step_strengths`).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -340,10 +353,24 @@ class DiffusersLoRA:
             guidance_scale > 1.0
             and getattr(getattr(pipe.unet, "config", None), "time_cond_proj_dim", None) is None
         )
-        unet_batch = _expand(unet_mixes, num_images_per_prompt, do_cfg, uncond_lora)
+        schedules = self._schedules(parsed, lora_schedules)
+        steps = None
+        if any(schedules):
+            steps = StepStrengths(
+                pipe,
+                self.managers["unet"],
+                unet_mixes,
+                schedules,
+                lambda m: _expand(m, num_images_per_prompt, do_cfg, uncond_lora),
+            )
+            unet_batch = steps.initial()
+        else:
+            unet_batch = _expand(unet_mixes, num_images_per_prompt, do_cfg, uncond_lora)
         embeds = self.encode(texts, negative_prompt, te_mixes, do_cfg)
         with ExitStack() as stack:
-            stack.enter_context(self.use(unet=unet_batch))
+            batch = stack.enter_context(self.managers["unet"].use(unet_batch))
+            if steps is not None:
+                stack.enter_context(steps.running(batch, pipe_kwargs))
             if cache_cross_attention:
                 stack.enter_context(self.cross_attention_cache())
             return pipe(
@@ -352,6 +379,35 @@ class DiffusersLoRA:
                 guidance_scale=guidance_scale,
                 **pipe_kwargs,
             )
+
+    def _schedules(
+        self, parsed: Sequence[Any], given: Sequence[Mapping[str, Schedule] | None] | None
+    ) -> list[dict[str, Schedule]]:
+        """Per prompt ``{canonical adapter: schedule}``: the prompt's tag schedules, replaced
+        per adapter by ``given`` (``lora_schedules``)."""
+        out = [dict(p.unet_schedule) for p in parsed]
+        if given is None:
+            return out
+        if isinstance(given, Mapping | str) or not isinstance(given, Sequence):
+            raise TypeError("lora_schedules: expected one {adapter: schedule} mapping per prompt")
+        if len(given) != len(parsed):
+            raise ValueError(
+                f"lora_schedules has {len(given)} entries for {len(parsed)} prompts (one "
+                "mapping or None per prompt)"
+            )
+        for i, per_prompt in enumerate(given):
+            if per_prompt is None:
+                continue
+            if not isinstance(per_prompt, Mapping):
+                raise TypeError(f"lora_schedules[{i}]: expected a mapping adapter -> schedule")
+            for name, sched in per_prompt.items():
+                where = f"lora_schedules[{i}][{name!r}]"
+                try:
+                    canon = self.library.resolve(name)
+                except KeyError as exc:
+                    raise KeyError(f"{where}: {exc.args[0]}") from None
+                out[i][canon] = check_schedule(sched, where)
+        return out
 
     def encode(
         self,

@@ -8,8 +8,10 @@ text embeddings and its UNet mixture. With guidance it puts two rows in a UNet c
 
 One UNet call (:meth:`StepBatcher.step`) takes the rows of the jobs :meth:`StepBatcher.pick`
 chose, with one timestep per row (``UNet2DConditionModel`` takes a 1-D ``timestep`` of batch
-size) and one LoRA mixture per row. Each job's ``scale_model_input`` and ``step`` run on its own
-rows, so per-image semantics equal diffusers' pipeline loop for that image alone:
+size) and one LoRA mixture per row: a request with a strength schedule
+(``<lora:x:0@0,1@0.5>``) gets its strengths at its own step. Each job's ``scale_model_input``
+and ``step`` run on its own rows, so per-image semantics equal diffusers' pipeline loop for
+that image alone:
 
     x = scheduler.scale_model_input(latents, t)
     eps_u, eps_c = unet([x, x], [t, t], [uncond, cond], mixtures=[mix, mix])
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..schedule import Schedule, mixture_at
 from . import adapters_bridge as bridge
 
 GroupKey = tuple[int, int, torch.dtype]
@@ -62,6 +65,19 @@ class ImageJob:
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     step_index: int = 0
     last_tick: int = -1
+    unet_schedule: dict[str, Schedule] = field(default_factory=dict)
+
+    def mixture(self) -> dict[str, float]:
+        """The UNet mixture at this job's current step: scheduled adapters at their strength
+        for ``step_index`` of ``len(timesteps)`` (sigma from its own scheduler)."""
+        if not self.unet_schedule:
+            return self.unet_mixture
+        step = self.step_index
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        sigma = float(sigmas[step]) if sigmas is not None and step < len(sigmas) else None
+        return mixture_at(
+            self.unet_mixture, self.unet_schedule, step, len(self.timesteps), sigma, "prompt"
+        )
 
     @property
     def rows(self) -> int:
@@ -120,6 +136,7 @@ class StepBatcher:
         unet_mixture: dict[str, float],
         arrival: int,
         eta: float | None,
+        unet_schedule: dict[str, Schedule] | None = None,
     ) -> list[ImageJob]:
         """One job per seed, latents drawn as ``pipe.prepare_latents`` draws them for one image
         with ``torch.Generator().manual_seed(seed)``. ``embeds`` is the batched encoder output;
@@ -138,7 +155,8 @@ class StepBatcher:
             height // pipe.vae_scale_factor,
             width // pipe.vae_scale_factor,
         )
-        key = tuple(sorted(unet_mixture.items()))
+        schedule = dict(unet_schedule or {})
+        key = (*sorted(unet_mixture.items()), *sorted(schedule.items()))
         jobs = []
         for i, seed in enumerate(seeds):
             sched = make_scheduler()
@@ -170,6 +188,7 @@ class StepBatcher:
                     adapter_key=key,
                     arrival=arrival,
                     step_kwargs=kwargs,
+                    unet_schedule=schedule,
                 )
             )
         return jobs
@@ -260,7 +279,7 @@ class StepBatcher:
             # float32 timesteps: the UNet's sinusoidal embedding casts to float anyway, so an
             # integer DDIM timestep and a float Euler one can share the call unchanged
             ts.append(t.to(torch.float32).reshape(1).expand(job.rows))
-            mixes += [job.unet_mixture] * job.rows
+            mixes += [job.mixture()] * job.rows
             if job.added_cond is not None:
                 added.append(job.added_cond)
         kwargs: dict[str, Any] = {}

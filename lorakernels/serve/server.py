@@ -122,6 +122,7 @@ class _Pending:
     images: dict[int, Any] = field(default_factory=dict)
     failed: bool = False
     was_resident: bool = False
+    unet_schedule: dict[str, Any] = field(default_factory=dict)  # adapter -> strength schedule
 
     @property
     def adapter_names(self) -> list[str]:
@@ -300,6 +301,7 @@ class DiffusionServer:
             text=parsed.text,
             unet=dict(unet),
             text_encoder=dict(te),
+            unet_schedule=dict(parsed.unet_schedule) if req.use_loras else {},
             seeds=seeds,
             sampler=sampler,
             future=concurrent.futures.Future(),
@@ -451,6 +453,7 @@ class DiffusionServer:
                     embeds=embeds,
                     row=row,
                     unet_mixture=p.unet,
+                    unet_schedule=p.unet_schedule,
                     arrival=p.arrival,
                     eta=req.eta,
                 )
