@@ -138,8 +138,13 @@ def _check_library(ns: dict) -> None:
     assert "tarot" in st["resident"]  # pinned: resident whatever the prompts used
 
 
+def _check_schedules(ns: dict) -> None:
+    assert len(ns["images"]) == 3
+
+
 POSTCONDITIONS = {
-    "lkd.generate(": _check_images,
+    "num_images_per_prompt=2": _check_images,
+    "lora_schedules=": _check_schedules,
     "MultiLoRA(": _check_manager,
     "multi_lora_linear(": _check_op,
     "AdapterLibrary(": _check_library,
