@@ -35,6 +35,16 @@ the innermost :func:`use_plan` context, the ``LORAKERNELS_PLAN`` environment var
 ``"unmerged"`` never merges. Autograd always runs unmerged: a cached merged weight is not
 connected to ``W``, ``A`` or ``B`` (see :mod:`lorakernels.kernels.cpu`).
 
+Who executes the plan: the cpu backend (GEMMs per run of a group's rows) and the triton
+backend (one launch of the segmented kernel, merged and unmerged groups together; see
+:mod:`lorakernels.kernels.triton.planned`), both through :mod:`lorakernels.kernels.hostplan`
+(groups, decisions, this cache). The calibration measures a CPU: on CUDA tensors the triton
+backend merges under ``"merged"`` only and runs ``"auto"`` unmerged (no GPU cost model yet);
+under Triton's interpreter (CPU tensors) this calibration prices ``"auto"``. The triton
+backend stores merged weights in ``x.dtype`` (rounded once, as for native half GEMMs above)
+and runs unmerged under autograd (any input requiring grad, and the backward pass), while
+tracing and during CUDA-graph capture.
+
 Which plan ran: :func:`last_summary` (per layer type ``K x N``: calls, merged and unmerged
 groups, merges built, cache hits, the base GEMM's precision); :func:`reset_summary`.
 """
