@@ -3,8 +3,9 @@
 Through the public ``lorakernels.multi_lora_linear(..., backend="triton", plan=...)`` on CPU
 tensors with ``TRITON_INTERPRET=1``: ``plan="merged"`` and ``plan="auto"`` (a calibration
 that makes merging pay, so the ski rental merges on the second call) run merged and unmerged
-groups in one launch of the segmented kernel; ``"unmerged"`` and autograd run the fused/pair
-path as before. fp16 and bf16; a batch of uneven row counts with a two-adapter mixture used
+groups in one launch of the segmented kernel; ``"unmerged"`` and autograd (the forward with
+an input requiring grad, and the backward's own op call) run the fused/pair path as before;
+under ``torch.compile`` the plan changes at run time without a recompile. fp16 and bf16; a batch of uneven row counts with a two-adapter mixture used
 twice, a one-adapter mixture, a negative strength and a base-only sample.
 
 Oracles (float64 on fresh random inputs, outputs checked finite; the launch allocates its
@@ -346,3 +347,23 @@ else:
         assert planned.planner_mode(x, w, None) == "auto"  # CPU tensors: the CPU calibration
         with plan.use_plan("unmerged"):
             assert planned.planner_mode(x, w, None) == "unmerged"
+
+    def test_compiled_call_plans_inside_the_op_without_recompiling(launches):
+        """Under ``torch.compile`` the plan is taken at run time inside the custom op: the
+        plan in force changes, the graph does not."""
+        from torch._dynamo.testing import CompileCounter
+
+        p = make_problem(torch.float16, seed=6)
+        counter = CompileCounter()
+
+        @torch.compile(backend=counter, fullgraph=True)
+        def f(x, batch):
+            return lk.multi_lora_linear(x, p.weight, p.bias, p.bank, batch, "triton")
+
+        for mode in ("unmerged", "merged", "merged"):
+            with plan.use_plan(mode):
+                y = f(p.x, p.batch)
+            assert_matches(y, p)
+        assert counter.frame_count == 1
+        assert len(launches["segmented"]) == 2 and len(launches["fused_or_pair"]) == 1
+        assert plan.last_summary()[LAYER]["merged_groups"] == 6
