@@ -5,8 +5,9 @@ tensors with ``TRITON_INTERPRET=1``: ``plan="merged"`` and ``plan="auto"`` (a ca
 that makes merging pay, so the ski rental merges on the second call) run merged and unmerged
 groups in one launch of the segmented kernel; ``"unmerged"`` and autograd (the forward with
 an input requiring grad, and the backward's own op call) run the fused/pair path as before;
-under ``torch.compile`` the plan changes at run time without a recompile. fp16 and bf16; a batch of uneven row counts with a two-adapter mixture used
-twice, a one-adapter mixture, a negative strength and a base-only sample.
+under ``torch.compile`` the plan changes at run time without a recompile. fp16 and bf16;
+a batch of uneven row counts with a two-adapter mixture used twice, a one-adapter mixture, a
+negative strength and a base-only sample.
 
 Oracles (float64 on fresh random inputs, outputs checked finite; the launch allocates its
 output): the exact per-sample loop (``peft_style_oracle``), with a tolerance 2x the largest of
