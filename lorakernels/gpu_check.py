@@ -47,7 +47,11 @@ class Stage:
 
 STAGES = (
     Stage("environment", 30, "device, driver, CUDA/torch/triton versions, backend report"),
-    Stage("correctness", 270, "pytest -m gpu tests/ (Triton configs, csrc, graphs, compile)"),
+    Stage(
+        "correctness",
+        270,
+        "pytest -m gpu tests/ (Triton configs, csrc, graphs, compile, planner's merged groups)",
+    ),
     Stage("speed-layer", 120, "layer table: SD1.5 + SDXL shapes, fp16/bf16, 16 samples / 8 r16"),
     Stage("speed-unet", 55, "SD1.5 UNet step at 64x64 latents, 16 rows over 8 adapters"),
 )

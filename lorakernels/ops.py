@@ -299,13 +299,14 @@ def multi_lora_linear(
             uses must hold an adapter (resident here, or in its name -> slot table).
         backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``None`` (see module doc).
         plan: ``"auto"``, ``"merged"``, ``"unmerged"`` or ``None``: merged weights or the
-            unmerged LoRA term per group of samples (cpu backend; see :mod:`lorakernels.plan`).
+            unmerged LoRA term per group of samples (cpu and triton backends; see
+            :mod:`lorakernels.plan` and :mod:`lorakernels.kernels.triton.planned`).
 
     Returns:
         ``[..., N]`` in ``x.dtype``. Numerics: fp32 accumulation, fp32 rank intermediate, one
         rounding to ``x.dtype``; float64 inputs compute in float64.
     """
-    if plan is not None:  # per-call planner override, read at run time by the cpu backend
+    if plan is not None:  # per-call planner override, read at run time by the backend
         with _plan.call_plan(plan):
             return multi_lora_linear(x, weight, bias, bank, batch, backend)
     bank_t = _validate(x, weight, bias, bank, batch)

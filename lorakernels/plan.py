@@ -35,6 +35,16 @@ the innermost :func:`use_plan` context, the ``LORAKERNELS_PLAN`` environment var
 ``"unmerged"`` never merges. Autograd always runs unmerged: a cached merged weight is not
 connected to ``W``, ``A`` or ``B`` (see :mod:`lorakernels.kernels.cpu`).
 
+Who executes the plan: the cpu backend (GEMMs per run of a group's rows) and the triton
+backend (one launch of the segmented kernel, merged and unmerged groups together; see
+:mod:`lorakernels.kernels.triton.planned`), both through :mod:`lorakernels.kernels.hostplan`
+(groups, decisions, this cache). The calibration measures a CPU: on CUDA tensors the triton
+backend merges under ``"merged"`` only and runs ``"auto"`` unmerged (no GPU cost model yet);
+under Triton's interpreter (CPU tensors) this calibration prices ``"auto"``. The triton
+backend stores merged weights in ``x.dtype`` (rounded once, as for native half GEMMs above)
+and runs unmerged under autograd (any input requiring grad, and the backward pass), while
+tracing and during CUDA-graph capture.
+
 Which plan ran: :func:`last_summary` (per layer type ``K x N``: calls, merged and unmerged
 groups, merges built, cache hits, the base GEMM's precision); :func:`reset_summary`.
 """
@@ -494,9 +504,12 @@ _HASH_W = torch.empty(0, dtype=torch.int64)
 
 
 def content_hash(t: Tensor) -> int:
-    """An exact hash of ``t``'s bits (any change of any element changes it, up to 2^-64)."""
+    """An exact hash of ``t``'s bits (any change of any element changes it, up to 2^-64).
+
+    Computed on the host: a device tensor is copied there first (it is read once per merged
+    weight built and per bank change, never per call)."""
     global _HASH_W
-    bits = _int_view(t).reshape(-1).to(torch.int64)
+    bits = _int_view(t.detach().cpu()).reshape(-1).to(torch.int64)
     if _HASH_W.numel() < bits.numel():
         g = torch.Generator().manual_seed(12345)
         size = max(bits.numel(), 2 * _HASH_W.numel())
@@ -505,9 +518,22 @@ def content_hash(t: Tensor) -> int:
 
 
 class _Layer:
-    """Per-layer state: what the cached entries of one layer were built from."""
+    """Per-layer state: what the cached entries of one layer were built from.
 
-    __slots__ = ("__weakref__", "bank_stamp", "entries", "ref", "slot_fp", "weight_stamp")
+    ``derived``: values a backend builds from this layer's cached entries (the triton
+    backend's stacked merged weights); emptied whenever one of the layer's entries is removed,
+    ``W`` changes, or the cache is cleared, so it never outlives what it was built from.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "bank_stamp",
+        "derived",
+        "entries",
+        "ref",
+        "slot_fp",
+        "weight_stamp",
+    )
 
     def __init__(self, ref) -> None:
         self.ref = ref
@@ -515,6 +541,7 @@ class _Layer:
         self.weight_stamp: tuple | None = None
         self.slot_fp: dict[int, tuple] = {}
         self.entries: set[tuple] = set()
+        self.derived: dict = {}
 
 
 def weight_stamp(w: Tensor) -> tuple:
@@ -587,6 +614,7 @@ class MergedCache:
         st = self._layers.get(key[0])
         if st is not None:
             st.entries.discard(key)
+            st.derived.clear()
 
     def _validate_unlocked(self, st: _Layer, w_stamp: tuple, b_stamp: tuple, slot_fp) -> None:
         """Drop the entries of layer ``st`` that ``W`` or the bank no longer match.
@@ -598,6 +626,7 @@ class MergedCache:
             for key in list(st.entries):
                 self._remove(key)
             st.slot_fp.clear()
+            st.derived.clear()
             st.weight_stamp = w_stamp
         if st.bank_stamp != b_stamp:
             stale = {s for s, fp in st.slot_fp.items() if slot_fp(s) != fp}
@@ -610,6 +639,10 @@ class MergedCache:
 
     def has(self, key: tuple) -> bool:
         return key in self._entries
+
+    def peek(self, key: tuple) -> Tensor | None:
+        """The entry of ``key`` without counting a hit or refreshing its LRU position."""
+        return self._entries.get(key)
 
     def _get_unlocked(self, key: tuple) -> Tensor | None:
         t = self._entries.get(key)
@@ -672,6 +705,7 @@ class MergedCache:
         for st in self._layers.values():
             st.entries.clear()
             st.slot_fp.clear()
+            st.derived.clear()
         self.bytes = 0
         self.credit.clear()
 

@@ -272,3 +272,60 @@ def test_segmented_kernel_merged_and_unmerged_in_one_launch(dtype):
     tol = 4 * torch.finfo(dtype).eps * ref.abs().max().item()
     assert bool(torch.isfinite(out).all())
     assert (out.double() - ref).abs().max().item() <= tol
+
+
+def _merged_error(problem, oracle: torch.Tensor) -> float:
+    """Plain torch merging in the dtype (``W_g`` in float32, rounded once, ``F.linear`` in the
+    dtype, as ``fuse_lora`` does) against the oracle: what a merged group may carry."""
+    dt = problem.x.dtype
+    rows = problem.batch.rows_per_sample
+    y, r0 = [], 0
+    for r, mix in zip(rows, problem.mixtures, strict=True):
+        w = problem.weight.float()
+        for slot, strength in mix.items():
+            a, b, scale = problem.adapters[slot]
+            coef = float(torch.tensor(strength, dtype=torch.float32)) * scale
+            w = w + coef * (b.float() @ a.float()).to(DEVICE)
+        y.append(torch.nn.functional.linear(problem.x[r0 : r0 + r], w.to(dt), problem.bias))
+        r0 += r
+    return (torch.cat(y).double().cpu() - oracle).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_planner_merged_groups_through_ops(dtype):
+    """Issue 13, item 4: ``plan="merged"`` through the triton backend runs the planner's
+    merged groups (and rows without adapters) in one segmented launch, twice (weights built,
+    then from the cache), against the float64 oracle with the tolerance of merging in the
+    dtype; ``plan="auto"`` on CUDA stays unmerged (no GPU cost model: kernels/triton/planned)."""
+    from lorakernels import plan as planner
+
+    problem = _problem("sd15_to_q_64", dtype, seed=13)
+    k, n = problem.weight.shape[1], problem.weight.shape[0]
+    oracle = testing.peft_style_oracle(problem)
+    tol = 2 * max(
+        _merged_error(problem, oracle),
+        testing.plain_torch_error(problem, oracle),
+        torch.finfo(dtype).eps * oracle.abs().max().item(),
+    )
+    args = (problem.x, problem.weight, problem.bias, problem.bank, problem.batch)
+    planner.CACHE.clear()
+    planner.reset_summary()
+    try:
+        with _tf32(False):
+            for _ in range(2):
+                y = ops.multi_lora_linear(*args, backend="triton", plan="merged")
+                assert y.dtype == dtype and bool(torch.isfinite(y).all())
+                err = (y.double().cpu() - oracle).abs().max().item()
+                assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+            summary = planner.last_summary()[f"{k}x{n}"]
+            assert summary["merged_groups"] > 0 and summary["unmerged_groups"] == 0
+            assert summary["hits"] > 0
+            if ON_GPU:
+                planner.reset_summary()
+                ops.multi_lora_linear(*args, backend="triton", plan="auto")
+                assert planner.last_summary() == {}
+    finally:
+        planner.CACHE.clear()
+    base = problem.x.double().cpu() @ problem.weight.double().cpu().T
+    base = base + problem.bias.double().cpu()
+    assert (oracle - base).abs().max().item() > 2 * tol  # the LoRA term is visible

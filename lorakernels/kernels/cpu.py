@@ -27,7 +27,9 @@ Why this shape (measured on our 2-core AVX-512 CPUs, 16 samples, 8 rank-16 adapt
   base GEMM) measured 1.07-1.4x slower on one Xeon and faster on an EPYC: the calibration
   times both once per machine (``plan.Calibration.row_block``);
 * the host plan (groups, gathered ``A``/``B`` rows) is cached per batch and bank *version*: the
-  key is the tensors' identities and ``_version`` counters (no ``.tolist()`` on a hit).
+  key is the tensors' identities and ``_version`` counters (no ``.tolist()`` on a hit). The
+  grouping, the decisions and the merged weights come from :mod:`.hostplan`, which the
+  triton backend shares; this module keeps the unmerged core and the GEMMs.
 
 Numerics: float32 compute for float32/float16/bfloat16 inputs, float64 for float64; the rank
 intermediate ``t`` is float32 (or float64); one rounding to ``x.dtype`` at the end.
@@ -53,15 +55,12 @@ used only while the padded work stays under 1.5x the real work, else the per-run
 from __future__ import annotations
 
 import math
-import threading
-import weakref
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
 
 from .. import plan as _planner
-from . import LoRAArgs, compute_dtype
+from . import LoRAArgs, compute_dtype, hostplan
 from .cpu_conv import multi_lora_conv2d
 
 __all__ = ["multi_lora_conv2d", "multi_lora_linear", "unavailable_reason"]
@@ -250,129 +249,11 @@ def _unmerged(plan: _Plan, xc, w, b, lora_a, lora_bt, ct, block: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------- host plan
-class _Host:
-    """Host facts of one (batch content, bank content, row count): groups and their plans."""
-
-    __slots__ = (
-        "groups",
-        "group_items",
-        "group_runs",
-        "group_samples",
-        "owner",
-        "per_sample",
-        "ranks",
-        "rows",
-        "scales",
-        "starts",
-        "subplans",
-    )
-
-
-_HOST: OrderedDict[tuple, _Host] = OrderedDict()  # content key -> host plan
-_FAST: OrderedDict[tuple, tuple] = OrderedDict()  # (id, _version) key -> (weakrefs, content)
-_HOST_LOCK = threading.Lock()  # threads serving one model share these caches
-_HOST_SIZE = 1024  # a UNet has ~200 patched layers x a few row counts; plans are small
-
-
-def _content_key(tensors, ct) -> tuple:
-    row_ptr, entry_ptr, entry_slot, entry_weight, slot_start, slot_rank, slot_scale = tensors
-    ptr = tuple(entry_ptr.tolist())
-    e = ptr[-1]
-    return (
-        tuple(row_ptr.tolist()),
-        ptr,
-        tuple(entry_slot[:e].tolist()),
-        tuple(entry_weight[:e].tolist()),
-        tuple(slot_start.tolist()),
-        tuple(slot_rank.tolist()),
-        tuple(slot_scale.tolist()),
-        ct,
-    )
-
-
-def _build_host(key: tuple, device) -> _Host:
-    rows, ptr, slots, weights, starts, ranks, scales, ct = key[:8]
-    h = _Host()
-    h.owner = None
-    h.rows, h.starts, h.ranks, h.scales = rows, starts, ranks, scales
-    per_sample, mixes = [], []
-    for s in range(len(rows) - 1):
-        items, mix = [], []
-        for j in range(ptr[s], ptr[s + 1]):
-            k = slots[j]
-            if ranks[k] > 0:
-                items.append((starts[k], ranks[k], weights[j] * scales[k]))
-                mix.append((k, weights[j]))
-        per_sample.append(tuple(items))
-        mixes.append(tuple(sorted(mix)))
-    h.per_sample = per_sample
-    order: dict[tuple, int] = {}
-    h.group_samples, h.group_items, h.group_runs, h.groups = [], [], [], []
-    for s, mix in enumerate(mixes):
-        g = order.setdefault(mix, len(order))
-        if g == len(h.group_samples):
-            h.group_samples.append([])
-            h.group_items.append(tuple(sorted((k, starts[k], ranks[k], w) for k, w in mix)))
-        h.group_samples[g].append(s)
-    for mix, g in order.items():
-        runs: list[list[int]] = []
-        for s in h.group_samples[g]:
-            if runs and runs[-1][1] == rows[s]:
-                runs[-1][1] = rows[s + 1]
-            elif rows[s + 1] > rows[s]:
-                runs.append([rows[s], rows[s + 1]])
-        h.group_runs.append([tuple(r) for r in runs])
-        m = sum(r1 - r0 for r0, r1 in runs)
-        rank = sum(ranks[k] for k, _ in mix)
-        h.groups.append(_planner.Group(mix, m, max(1, len(runs)), rank))
-    h.subplans = {}
-    return h
-
-
-def _host(tensors, ct, lora_a: Tensor, lora_bt: Tensor) -> _Host:
-    with _HOST_LOCK:
-        return _host_unlocked(tensors, ct, lora_a, lora_bt)
-
-
-def _host_unlocked(tensors, ct, lora_a: Tensor, lora_bt: Tensor) -> _Host:
-    """The host plan for these tensors' contents and this layer's bank (its gathered rows are
-    the layer's). Fast path: the same tensor objects at the same ``_version`` counters (every
-    in-place write bumps them) map to the cached plan without reading them; otherwise read
-    them (``.tolist()``) and look the content up."""
-    owned = (*tensors, lora_a, lora_bt)
-    fast = (ct, *((id(t), t._version) for t in owned))
-    hit = _FAST.get(fast)
-    if hit is not None:
-        refs, ckey = hit
-        if all(r() is t for r, t in zip(refs, owned, strict=True)):
-            h = _HOST.get(ckey)
-            if h is not None:
-                return h
-    layer = tuple((id(t), t.data_ptr(), t._version) for t in (lora_a, lora_bt))
-    ckey = (*_content_key(tensors, ct), layer)
-    h = _HOST.get(ckey)
-    if h is None:
-        h = _build_host(ckey, tensors[0].device)
-        _HOST[ckey] = h
-        if len(_HOST) > _HOST_SIZE:
-            _HOST.popitem(last=False)
-    else:
-        _HOST.move_to_end(ckey)
-    if h.owner is None or any(
-        r() is not t for r, t in zip(h.owner, (lora_a, lora_bt), strict=True)
-    ):
-        # a new layer reusing a dead one's ids: its gathered rows are not ours
-        h.owner = (weakref.ref(lora_a), weakref.ref(lora_bt))
-        h.subplans = {}
-    _FAST[fast] = (tuple(weakref.ref(t) for t in owned), ckey)
-    if len(_FAST) > _HOST_SIZE:
-        _FAST.popitem(last=False)
-    return h
-
-
-def _subplan(h: _Host, samples: tuple[int, ...] | None, ct, device):
-    """``(plan, rows slices)`` of the unmerged core over ``samples`` (None: all samples)."""
-    sp = h.subplans.get(samples)
+def _subplan(h: hostplan.Host, samples: tuple[int, ...] | None, ct, device):
+    """``(plan, rows slices)`` of the unmerged core over ``samples`` (None: all samples),
+    cached on the host plan (its gathered rows are this layer's, see ``Host.derived``)."""
+    dkey = ("cpu-unmerged", samples)
+    sp = h.derived.get(dkey)
     if sp is None:
         if samples is None:
             sp = (_build_plan(h.rows, h.per_sample, ct, device), None)
@@ -387,33 +268,11 @@ def _subplan(h: _Host, samples: tuple[int, ...] | None, ct, device):
                 rows.append(rows[-1] + r1 - r0)
             per = [h.per_sample[s] for s in samples]
             sp = (_build_plan(tuple(rows), per, ct, device), spans)
-        h.subplans[samples] = sp
+        h.derived[dkey] = sp
     return sp
 
 
 # ---------------------------------------------------------------------- merged weights
-def _slot_fp(h: _Host, lora_a: Tensor, lora_bt: Tensor):
-    def fp(slot: int) -> tuple:
-        if slot >= len(h.ranks) or h.ranks[slot] == 0:
-            return ("absent",)
-        st, r = h.starts[slot], h.ranks[slot]
-        return (
-            r,
-            h.scales[slot],
-            _planner.content_hash(lora_a[st : st + r]),
-            _planner.content_hash(lora_bt[st : st + r]),
-        )
-
-    return fp
-
-
-def _merge(weight: Tensor, items, scales, lora_a, lora_bt, store) -> Tensor:
-    """``W + Σ w·s·B @ A`` in float32, stored as ``store`` (see lorakernels.plan: numerics)."""
-    bc = torch.cat([lora_bt[st : st + r].float().T * (w * scales[k]) for k, st, r, w in items], 1)
-    ac = torch.cat([lora_a[st : st + r].float() for _, st, r, _ in items], 0)
-    return torch.addmm(weight.float(), bc, ac).to(store)
-
-
 def _gemm_into(y: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> None:
     if b is not None:
         torch.addmm(b, x, w.T, out=y)
@@ -453,7 +312,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRA
 
 def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
     ct = compute_dtype(x.dtype)
-    h = _host(tensors, ct, lora_a, lora_bt)
+    h = hostplan.host(tensors, ct, lora_a, lora_bt)
     m, k = x.shape
     n = weight.shape[0]
     groups = h.groups
@@ -477,13 +336,7 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
     cache = _planner.CACHE
     st = None
     if not grad and (half or (mode != "unmerged" and active)):
-        st = cache.layer(lora_a)
-        cache.validate(
-            st,
-            _planner.weight_stamp(weight),
-            _planner.bank_stamp(lora_a, lora_bt, *tensors[4:]),
-            _slot_fp(h, lora_a, lora_bt),
-        )
+        st = hostplan.layer_state(h, weight, lora_a, lora_bt, tensors)
     if not active and native:
         return torch.nn.functional.linear(x, weight, bias)  # the base layer itself
     # unmerged rows compute in ct: float32 copies of half weights are cached per layer
@@ -496,55 +349,35 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
             w32 = weight.to(ct)
             cache.put(st, wkey, w32, {})
     b32 = None if bias is None else bias.to(ct)
-    if mode == "unmerged" or not active:
-        merged = [False] * len(groups)
-        gains = [0.0] * len(groups)
-        built = hits = 0
-    else:
-        keys = [(id(lora_a), g.key, prec) for g in groups]
-        cached = [g.rank > 0 and cache.has(kk) for g, kk in zip(groups, keys, strict=True)]
-        credit = [cache.credit.get(kk, 0.0) for kk in keys]
-        merged, gains = _planner.decide(cal, groups, k, n, prec, half, cached, credit, mode)
-        with cache.lock:
-            for kk, gain, mg in zip(keys, gains, merged, strict=True):
-                if gain and not mg:
-                    cache.credit[kk] = cache.credit.get(kk, 0.0) + gain
-                    cache.credit.move_to_end(kk)
-            while len(cache.credit) > 4096:
-                cache.credit.popitem(last=False)
-        hits = sum(1 for mg, c in zip(merged, cached, strict=True) if mg and c)
-        built = sum(1 for mg, c in zip(merged, cached, strict=True) if mg and not c)
+    gp = hostplan.plan_groups(
+        h,
+        weight,
+        lora_a,
+        lora_bt,
+        st,
+        mode=mode if active else "unmerged",
+        cal=cal,
+        tag=prec,
+        cost_prec=prec,
+        half=half,
+        store=mdt,
+    )
     block = cal.row_block if cal is not None else 0
-    n_unmerged = sum(1 for g, mg in zip(groups, merged, strict=True) if not mg and g.rank)
-    if not any(merged):
+    if not gp.n_merged:
         sp, _ = _subplan(h, None, ct, x.device)
         y = _unmerged(sp, x.to(ct), w32, b32, lora_a, lora_bt, ct, block)
-        _planner.record(k, n, prec, 0, n_unmerged, 0, 0)
+        _planner.record(k, n, prec, 0, gp.n_unmerged, 0, 0)
         return y.to(x.dtype)
     y = torch.empty(m, n, dtype=mdt, device=x.device)
     xg = x.to(mdt)
     wbase = weight if weight.dtype == mdt else w32
     bg = None if bias is None else bias.to(mdt)
     rest: list[int] = []
-    for gi, (g, mg) in enumerate(zip(groups, merged, strict=True)):
+    for gi, (g, mg) in enumerate(zip(groups, gp.merged, strict=True)):
         if not mg and g.rank > 0:
             rest.extend(h.group_samples[gi])
             continue
-        if g.rank == 0:
-            wg = wbase
-        else:
-            key = (id(lora_a), g.key, prec)
-            wg = cache.get(key)
-            if wg is None:
-                wg = _merge(weight, h.group_items[gi], h.scales, lora_a, lora_bt, mdt)
-                fp = _slot_fp(h, lora_a, lora_bt)
-                density = gains[gi] / (wg.numel() * wg.element_size())
-                if cache.put(st, key, wg, {s: fp(s) for s, _ in g.key}, density):
-                    cache.credit.pop(key, None)
-                elif cal is not None:
-                    # no room worth taking: use it this once, then run unmerged until the
-                    # gains have paid ten builds (bounds the rebuild cost to ~10 %)
-                    cache.credit[key] = -10 * _planner.merge_time(cal, k, n, g.rank)
+        wg = wbase if g.rank == 0 else gp.weights[gi]
         for r0, r1 in h.group_runs[gi]:
             _gemm_into(y[r0:r1], xg[r0:r1], wg, bg)
     if rest:
@@ -560,13 +393,5 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         for r0, r1 in spans:
             y[r0:r1] = ys[pos : pos + r1 - r0]
             pos += r1 - r0
-    _planner.record(
-        k,
-        n,
-        prec,
-        len(groups) - n_unmerged - sum(1 for g in groups if not g.rank),
-        n_unmerged,
-        built,
-        hits,
-    )
+    _planner.record(k, n, prec, gp.n_merged, gp.n_unmerged, gp.built, gp.hits)
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -5,6 +5,10 @@ Semantics, argument table and the ``t`` layout of the pair: :mod:`lorakernels.ke
 * :func:`multi_lora_linear` -> ``[M, N]`` in ``x.dtype``. Picks the fused kernel or
   base GEMM + pair by :func:`.dispatch.choose` (shapes and ``meta`` only; the cost reasoning is
   in :mod:`.dispatch`). Fused rounds once; base + pair rounds the base output, then once more.
+  Where the planner (:mod:`lorakernels.plan`) merges groups -- ``plan="merged"``, or
+  ``"auto"`` under the interpreter; fp16/bf16, K and N multiples of 16, no autograd, not
+  while tracing or capturing -- the call is one launch of the segmented kernel instead,
+  merged and unmerged groups together (:mod:`.planned`).
 * :func:`lora_shrink` -> fp32 ``t [M, meta.max_entries * meta.max_rank]``.
 * :func:`lora_expand` adds the LoRA term onto ``y`` in place.
 
@@ -35,10 +39,17 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs) -> Tensor:
-    """``y [M, N] = x @ weight.T + bias + sum of each sample's LoRA terms``, in ``x.dtype``."""
-    from .launch import plan_multi_lora_linear
+    """``y [M, N] = x @ weight.T + bias + sum of each sample's LoRA terms``, in ``x.dtype``.
 
-    return plan_multi_lora_linear(x, weight, bias, lora)()
+    Merged groups of the planner, where it merges any (:mod:`.planned`), run in one
+    segmented launch; otherwise the fused kernel or the base GEMM + pair."""
+    from .launch import plan_multi_lora_linear
+    from .planned import plan_merged_groups
+
+    job = plan_merged_groups(x, weight, bias, lora)
+    if job is None:
+        job = plan_multi_lora_linear(x, weight, bias, lora)
+    return job()
 
 
 def lora_shrink(x: Tensor, lora: LoRAArgs) -> Tensor:
