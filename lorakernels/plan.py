@@ -32,8 +32,10 @@ rows are ``x @ W_g.T + b`` accumulated in float32 inside the GEMM and rounded on
 Overrides (first match wins): the ``plan=`` argument of :func:`lorakernels.multi_lora_linear`,
 the innermost :func:`use_plan` context, the ``LORAKERNELS_PLAN`` environment variable, then
 ``"auto"``. ``"merged"`` merges every group that uses an adapter (building weights as needed);
-``"unmerged"`` never merges. Autograd always runs unmerged: a cached merged weight is not
-connected to ``W``, ``A`` or ``B`` (see :mod:`lorakernels.kernels.cpu`).
+``"unmerged"`` never merges. Autograd: the cpu backend's eager forward with an input that
+requires grad (grad mode on) runs unmerged, since autograd differentiates its torch ops and a
+cached merged weight is not connected to ``W``, ``A`` or ``B``; no backend merges inside a
+backward pass (the op's input gradient runs on a fresh ``W.T`` copy).
 
 Who executes the plan: the cpu backend (GEMMs per run of a group's rows) and the triton
 backend (one launch of the segmented kernel, merged and unmerged groups together; see
@@ -42,8 +44,8 @@ backend (one launch of the segmented kernel, merged and unmerged groups together
 backend merges under ``"merged"`` only and runs ``"auto"`` unmerged (no GPU cost model yet);
 under Triton's interpreter (CPU tensors) this calibration prices ``"auto"``. The triton
 backend stores merged weights in ``x.dtype`` (rounded once, as for native half GEMMs above)
-and runs unmerged under autograd (any input requiring grad, and the backward pass), while
-tracing and during CUDA-graph capture.
+and runs unmerged inside a backward pass, while tracing and during CUDA-graph capture (a
+forward that autograd records may merge: the op's gradients come from its backward formula).
 
 Which plan ran: :func:`last_summary` (per layer type ``K x N``: calls, merged and unmerged
 groups, merges built, cache hits, the base GEMM's precision); :func:`reset_summary`.

@@ -317,9 +317,10 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
     n = weight.shape[0]
     groups = h.groups
     active = any(g.rank for g in groups)
-    grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
+    grad = (
+        torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    ) or hostplan.in_backward()
     mode = "unmerged" if grad or ct == torch.float64 else _planner.resolve_plan()
     half = x.dtype in (torch.bfloat16, torch.float16)
     cal = None

@@ -296,3 +296,10 @@ def plan_groups(
     n_unmerged = sum(1 for g, mg in zip(groups, merged, strict=True) if not mg and g.rank)
     n_merged = sum(1 for g, mg in zip(groups, merged, strict=True) if mg and g.rank)
     return GroupPlan(merged, weights, keys, built, hits, n_merged, n_unmerged)
+
+
+def in_backward() -> bool:
+    """``True`` inside an autograd backward pass. The custom op's input gradient is the op on
+    a fresh ``W.T`` copy whose cache stamp (address, version 0) can repeat with other
+    contents after an optimizer step, so such calls never merge."""
+    return torch._C._current_graph_task_id() != -1

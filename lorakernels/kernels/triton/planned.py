@@ -20,11 +20,12 @@ fused kernel or the base GEMM + shrink/expand pair, unchanged):
   the CPU calibration prices the decision (it only has to be deterministic there);
 * ``x`` is float16/bfloat16 (fp32 has no fused path), K and N are multiples of 16 and
   ``weight`` is contiguous and 16-byte aligned (the class the kernel is compiled for);
-* no input requires grad, and not inside a backward pass (the op's input gradient is the op
-  on ``W.T``: it runs unmerged too). Inside the custom op autograd has already been peeled
-  off (grad mode is off), so the test is ``requires_grad`` alone: a call under
-  ``torch.no_grad()`` with such inputs also runs unmerged. A merged weight is not connected
-  to ``W``, ``A`` or ``B``;
+* not inside a backward pass (:func:`..hostplan.in_backward`: the op's input gradient is the
+  op on a fresh ``W.T`` copy, which runs unmerged). A forward that autograd records may merge:
+  the op's gradients come from its registered backward formula, never from how the forward
+  computed its output, and inside the op the caller's grad mode is not visible (a
+  ``requires_grad`` test would also refuse the usual inference under ``torch.no_grad()`` with
+  parameters that require grad, as diffusers pipelines run);
 * not while tracing (``torch.compiler.is_compiling()``) nor during CUDA-graph capture (the
   host plan reads the batch and may build weights). A compiled graph runs the op's kernel
   at run time, where the plan is taken as in eager mode: nothing recompiles when it changes.
@@ -69,11 +70,7 @@ def planner_mode(x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
     mode = _planner.resolve_plan()
     if mode == "unmerged":
         return mode
-    if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
-        return "unmerged"
-    if torch._C._current_graph_task_id() != -1:
-        # inside a backward pass: the op's input gradient is this op on a fresh W.T copy,
-        # whose stamp (address, version 0) can repeat with other contents after an update
+    if hostplan.in_backward():
         return "unmerged"
     if torch.compiler.is_compiling():
         return "unmerged"
