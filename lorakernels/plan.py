@@ -392,13 +392,15 @@ def decide(
     cached: list[bool],
     credit: list[float],
     plan: str,
+    unmerged_prec: str = "fp32",
 ) -> tuple[list[bool], list[float]]:
     """Which groups run merged. Returns ``(merged flags, gains)``: per group, the modelled
     seconds a cached merged weight saves per call (0 where merging does not pay); the caller
     adds the gains of groups that ran unmerged to their credit.
 
-    ``prec``: the merged GEMMs' precision; unmerged rows always compute in float32 (``half``:
-    the input is bf16/fp16, so they pay the upcast of ``x`` and the rounding of ``y``).
+    ``prec``: the merged GEMMs' precision; ``unmerged_prec`` the unmerged rows' base GEMM's
+    (their LoRA term is float32; ``half``: the input is bf16/fp16, so they pay the upcast of
+    ``x`` and the rounding of ``y``).
     ``cached[g]``: the merged weight is in the cache. ``credit[g]``: what running unmerged has
     already cost beyond a cached merge over earlier calls (the ski-rental account): an uncached
     weight is built once ``credit + this call's gain >= its build cost`` and only for a
@@ -415,7 +417,7 @@ def decide(
         return active, zero
     total = sum(g.rows for g in groups)
     conv = (k + n) * 6 / cal.bandwidth if half else 0.0  # per row: x to fp32, y back
-    base_all = gemm_time(cal, total, k, n, "fp32")
+    base_all = gemm_time(cal, total, k, n, unmerged_prec)
 
     def lora(g: Group) -> float:
         return lora_time(cal, g.rows, k, n, g.rank) - 2 * cal.call_s
@@ -445,7 +447,7 @@ def decide(
     chosen = sum(run_cost(g) for g, mg in zip(groups, merged, strict=True) if mg or not g.rank)
     if rest:
         m_rest = sum(g.rows for g in rest)
-        chosen += gemm_time(cal, m_rest, k, n, "fp32") + m_rest * conv + 3 * cal.call_s
+        chosen += gemm_time(cal, m_rest, k, n, unmerged_prec) + m_rest * conv + 3 * cal.call_s
         chosen += sum(lora(g) for g in rest) + 2 * m_rest * (k + n) * 4 / cal.bandwidth
     if chosen >= all_unmerged:
         return none, gains

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import lorakernels as lk
 from lorakernels import plan
 from lorakernels.kernels import cpu
-from lorakernels.testing import peft_style_oracle, random_problem, tolerance
+from lorakernels.testing import peft_style_oracle, random_problem, rounding_tolerance, tolerance
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -135,6 +135,49 @@ def test_native_half_merged_rounds_the_weight_once(dtype):
     # the LoRA is visible above that tolerance (a dropped adapter would fail)
     base = (p.x.double() @ p.weight.double().T + p.bias.double()).cpu()
     assert float((oracle - base).abs().max()) > 5 * tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["unmerged", "mixed"])
+def test_native_half_base_for_unmerged_rows(dtype, mode, monkeypatch):
+    """Where the native half GEMM is faster (a CPU with avx512_bf16: 4.5x float32), unmerged
+    rows run their base GEMM in the dtype (rounded once) and add the float32 LoRA term: two
+    roundings, within 3x plain torch's single-rounding error (tests/test_ops.py's bar)."""
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    plan.set_calibration(fake_calibration(gemm_flops={"fp32": 1e11, name: 1e14}))
+    calls = []
+    real_native = cpu._unmerged_native
+    monkeypatch.setattr(
+        cpu, "_unmerged_native", lambda *a: calls.append(a[1].shape[0]) or real_native(*a)
+    )
+    p = random_problem(
+        samples=6,
+        rows=[9, 4, 12, 7, 5, 11],
+        K=320,
+        N=96,
+        ranks=[16, 8, 4],
+        dtype=dtype,
+        popularity="uniform",
+        mixture_size=2,
+        frac_empty=0.2,
+        seed=13,
+    )
+    if mode == "mixed":  # every other group merged, the rest unmerged on the native base
+        monkeypatch.setattr(
+            plan,
+            "decide",
+            lambda cal, groups, *a: (
+                [g.rank > 0 and i % 2 == 0 for i, g in enumerate(groups)],
+                [0.0] * len(groups),
+            ),
+        )
+    oracle = peft_style_oracle(p)
+    tol = rounding_tolerance(p, oracle)
+    y = run(p, "unmerged" if mode == "unmerged" else "auto")
+    assert calls, "the native-base unmerged path did not run"
+    assert float((y.double() - oracle).abs().max()) <= tol
+    base = (p.x.double() @ p.weight.double().T + p.bias.double()).cpu()
+    assert float((oracle - base).abs().max()) > 5 * tol  # the LoRA term is visible
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -34,16 +34,26 @@ Why this shape (measured on our 2-core AVX-512 CPUs, 16 samples, 8 rank-16 adapt
 Numerics: float32 compute for float32/float16/bfloat16 inputs, float64 for float64; the rank
 intermediate ``t`` is float32 (or float64); one rounding to ``x.dtype`` at the end.
 
-Half precision by ISA (issue 10 B): rows that run *unmerged* always compute in float32 (``x``
-upcast, ``W`` upcast once and cached per layer): torch's CPU GEMM has no float32 output for
-half inputs, so a native half base GEMM would round the base before the float32 LoRA term is
-added (two roundings). *Merged* groups, and layers where no sample uses an adapter, run the
-native half GEMM (``F.linear`` in the dtype, one rounding; merged weights rounded once, see
-:mod:`lorakernels.plan`) when the CPU has the instructions (avx512_bf16/amx_bf16,
-avx512_fp16/amx_fp16) AND the calibration measured it faster at this shape than the float32
-GEMM plus the conversions (``plan.choose_precision``). Measured on an avx512_bf16 Xeon without
-AMX (oneDNN's avx512_core_bf16 brgemm, 1 thread): bf16 ran 1.6-2.6x slower than float32 at SD
-shapes, so bf16 stays upcast there; where bf16 is emulated it is 3-4x slower and never chosen.
+Half precision by ISA (issue 10 B, issue 13): the native half GEMM (``F.linear`` in the
+dtype) runs where the CPU has the instructions (avx512_bf16/amx_bf16, avx512_fp16/amx_fp16)
+AND the calibration measured it faster at this shape than the float32 GEMM plus the
+conversions (``plan.choose_precision``); elsewhere everything computes in float32 (``x``
+upcast, ``W`` upcast once and cached per layer) and rounds once. Where native wins:
+
+* *merged* groups and layers where no sample uses an adapter: one native GEMM, one rounding
+  (merged weights rounded once, see :mod:`lorakernels.plan`);
+* *unmerged* rows: their base GEMM native (float32 accumulation, rounded once to the dtype:
+  torch's CPU GEMM has no float32 output for half inputs), then the float32 ``bias + LoRA
+  term`` (rank intermediate float32) added in float32 and rounded once more: two roundings,
+  at most one ulp of ``y`` plus half an ulp of the base, where plain PyTorch in bf16 (PEFT)
+  rounds the base, the rank intermediate, the LoRA term and the sum.
+
+Measured: an avx512_bf16 Xeon without AMX (oneDNN's avx512_core_bf16 brgemm, 1 thread) ran
+bf16 1.6-2.6x slower than float32 at SD shapes, so bf16 stays upcast there; a 2-core
+avx512_bf16 EPYC runs bf16 GEMMs 4.5x faster than float32 (~750 vs ~170 GFLOP/s), where the
+native base took the 77-row text layer's unmerged rows from 4.3x to 2.1x the bf16 base. The
+float32 LoRA term then bounds it: its FLOPs (7 % of the base's there) run at the float32 rate,
+0.31x the bf16 base's time. Where bf16 is emulated it is 3-4x slower and never chosen.
 
 Autograd: when ``x`` or ``weight`` requires grad, everything runs unmerged (a cached merged
 weight is not connected to ``W``). float64 always runs unmerged (it is the oracle's dtype).
@@ -234,6 +244,18 @@ def _blocked(plan: _Plan, xc, w, b, lora_a, lora_bt, ct, block: int) -> Tensor:
     return y
 
 
+def _unmerged_native(plan: _Plan, x, w, b, lora_a, lora_bt, ct) -> Tensor:
+    """The unmerged rows with the base GEMM native in ``x.dtype`` (bf16/fp16, ``w`` in that
+    dtype): ``x @ w.T`` accumulated in float32 and rounded once to ``x.dtype`` by the GEMM,
+    added in float32 to ``bias + LoRA term`` (float32, rank intermediate never rounded).
+    Returns float32 ``[M, N]``; the caller's cast rounds a second time (module docstring)."""
+    base = x @ w.T
+    if plan.kind == "none":
+        return base.float() if b is None else torch.add(b, base)
+    y = _lora_term(plan, x.to(ct), lora_a, lora_bt, ct, b)
+    return y.add_(base)
+
+
 def _unmerged(plan: _Plan, xc, w, b, lora_a, lora_bt, ct, block: int) -> Tensor:
     """``x @ w.T + b + LoRA term`` for the plan's rows, in ``ct``."""
     if plan.kind == "none":
@@ -333,6 +355,14 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         half and cal is not None and _planner.choose_precision(cal, x.dtype, m_gemm, k, n) != "fp32"
     )
     prec = _DTYPE_NAME.get(x.dtype if native else ct, "fp32")
+    # unmerged rows share one base GEMM over all their rows: native where measured faster at
+    # that row count (a 2-core avx512_bf16 EPYC: bf16 4.5x the float32 rate at SD shapes)
+    native_un = (
+        half
+        and active
+        and cal is not None
+        and (native and m_gemm == m or _planner.choose_precision(cal, x.dtype, m, k, n) != "fp32")
+    )
     mdt = x.dtype if native else ct  # merged GEMMs (and rows without adapters) run in mdt
     cache = _planner.CACHE
     st = None
@@ -362,11 +392,15 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         cost_prec=prec,
         half=half,
         store=mdt,
+        unmerged_prec=_DTYPE_NAME[x.dtype] if native_un else "fp32",
     )
     block = cal.row_block if cal is not None else 0
     if not gp.n_merged:
         sp, _ = _subplan(h, None, ct, x.device)
-        y = _unmerged(sp, x.to(ct), w32, b32, lora_a, lora_bt, ct, block)
+        if native_un:
+            y = _unmerged_native(sp, x, weight, b32, lora_a, lora_bt, ct)
+        else:
+            y = _unmerged(sp, x.to(ct), w32, b32, lora_a, lora_bt, ct, block)
         _planner.record(k, n, prec, 0, gp.n_unmerged, 0, 0)
         return y.to(x.dtype)
     y = torch.empty(m, n, dtype=mdt, device=x.device)
@@ -386,10 +420,13 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         # rounded once when written into y
         sp, spans = _subplan(h, tuple(sorted(rest)), ct, x.device)
         if len(spans) == 1:
-            xs = x[spans[0][0] : spans[0][1]].to(ct)
+            xs = x[spans[0][0] : spans[0][1]]
         else:
-            xs = torch.cat([x[r0:r1] for r0, r1 in spans]).to(ct)
-        ys = _unmerged(sp, xs, w32, b32, lora_a, lora_bt, ct, block)
+            xs = torch.cat([x[r0:r1] for r0, r1 in spans])
+        if native_un:
+            ys = _unmerged_native(sp, xs, weight, b32, lora_a, lora_bt, ct)
+        else:
+            ys = _unmerged(sp, xs.to(ct), w32, b32, lora_a, lora_bt, ct, block)
         pos = 0
         for r0, r1 in spans:
             y[r0:r1] = ys[pos : pos + r1 - r0]

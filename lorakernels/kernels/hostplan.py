@@ -243,6 +243,7 @@ def plan_groups(
     cost_prec: str,
     half: bool,
     store: torch.dtype,
+    unmerged_prec: str = "fp32",
 ) -> GroupPlan:
     """Decide per group and produce the merged groups' weights.
 
@@ -250,7 +251,8 @@ def plan_groups(
     the cache key (merged weights of one layer and mixture are shared by every call that
     stores them in the same dtype). ``cost_prec``/``half``: passed to
     :func:`lorakernels.plan.decide` (the GEMM precision priced, and whether unmerged rows
-    pay an upcast). ``st``: :func:`layer_state` (validated this call).
+    pay an upcast); ``unmerged_prec``: the unmerged rows' base GEMM precision. ``st``:
+    :func:`layer_state` (validated this call).
 
     Groups that ran unmerged add their modelled gain to their credit; a weight that does not
     fit the cache is used this once and its key is charged ten builds (so it is rebuilt at
@@ -266,7 +268,9 @@ def plan_groups(
         return GroupPlan([False] * len(groups), none, keys, 0, 0, 0, n_un)
     cached = [g.rank > 0 and cache.has(kk) for g, kk in zip(groups, keys, strict=True)]
     credit = [cache.credit.get(kk, 0.0) for kk in keys]
-    merged, gains = _planner.decide(cal, groups, k, n, cost_prec, half, cached, credit, mode)
+    merged, gains = _planner.decide(
+        cal, groups, k, n, cost_prec, half, cached, credit, mode, unmerged_prec
+    )
     with cache.lock:
         for kk, gain, mg in zip(keys, gains, merged, strict=True):
             if gain and not mg:
