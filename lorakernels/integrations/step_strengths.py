@@ -79,7 +79,8 @@ class StepStrengths:
 
     def before_unet(self, module: Any, args: Any) -> None:
         """Forward pre-hook: the batch gets this step's strengths (rewritten only on change)."""
-        num_steps = len(getattr(self.pipe.scheduler, "timesteps", ())) or 1
+        timesteps = getattr(self.pipe.scheduler, "timesteps", None)  # None before set_timesteps
+        num_steps = len(timesteps) if timesteps is not None else 1
         mixes = self.expand(self._prompt_mixtures(self.step, num_steps, self._sigma(self.step)))
         if mixes != self._applied:
             self.manager.refill(self.batch, mixes)

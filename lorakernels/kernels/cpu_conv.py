@@ -8,10 +8,9 @@ Semantics: the convolution loop in :mod:`lorakernels.kernels`, computed as::
         y[r0:r1] += conv2d(t, B.T as a 1x1 filter)                 # [C_out, R, 1, 1]
 
 ``coef`` holds ``strength * alpha / r`` per rank column. The host-side plan (the bank rows
-and coefficients of each run, as device tensors) is built once per distinct batch and bank
-content and cached, so a call makes no host-to-device copy: the layer sees the same batch at
-every denoising step. Building the cache key reads the small index tensors on the host, which
-is free on CPU tensors (the only ones this backend accepts).
+and coefficients of each run, as device tensors) hangs on the layer's host plan
+(:mod:`.hostplan`, the linear layers' too), built once per batch and bank version: a call with
+the same batch tensors at the same versions reads none of them and copies nothing.
 
 Numerics: float32 compute for float32/float16/bfloat16 inputs, float64 for float64; the rank
 intermediate ``t`` stays in that dtype; one rounding to ``x.dtype`` at the end.
@@ -19,39 +18,26 @@ intermediate ``t`` stays in that dtype; one rounding to ``x.dtype`` at the end.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import BankTensors, BatchTensors, ConvMeta, LoRAArgs, compute_dtype
-
-_RUNS: OrderedDict[tuple, list[tuple[int, int, Tensor, Tensor]]] = OrderedDict()
-_RUNS_SIZE = 256  # one entry per (conv layer content, batch) in use; a few small tensors each
+from . import BankTensors, BatchTensors, ConvMeta, LoRAArgs, compute_dtype, hostplan
 
 
 def _runs(bank: BankTensors, batch: BatchTensors, ct: torch.dtype):  # noqa: ANN202
-    """``[(image0, image1, bank_rows, coef)]`` per run of samples sharing a mixture (cached)."""
-    ptr = tuple(batch.entry_ptr.tolist())
-    used = (batch.entry_slot[: ptr[-1]], batch.entry_weight[: ptr[-1]])
-    rows, slots, weights, starts, ranks, scales = (
-        tuple(t.tolist())
-        for t in (batch.row_ptr, *used, bank.slot_start, bank.slot_rank, bank.slot_scale)
-    )
-    key = (rows, ptr, slots, weights, starts, ranks, scales, ct, str(bank.lora_a.device))
-    runs = _RUNS.get(key)
-    if runs is not None:
-        _RUNS.move_to_end(key)
-        return runs
-    per_sample = [
-        tuple(
-            (starts[slots[e]], ranks[slots[e]], weights[e] * scales[slots[e]])
-            for e in range(ptr[s], ptr[s + 1])
-            if ranks[slots[e]]
-        )
-        for s in range(len(rows) - 1)
-    ]
+    """``[(image0, image1, bank_rows, coef)]`` per run of samples sharing a mixture, kept on
+    the layer's host plan (:func:`.hostplan.host`: cached per batch and bank version, so a
+    steady batch reads no tensor on later calls)."""
+    tensors = (*batch, bank.slot_start, bank.slot_rank, bank.slot_scale)
+    h = hostplan.host(tensors, ct, bank.lora_a, bank.lora_bt)
+    runs = h.derived.get("conv")
+    if runs is None:
+        runs = h.derived["conv"] = _build_runs(h.rows, h.per_sample, ct, bank.lora_a.device)
+    return runs
+
+
+def _build_runs(rows, per_sample, ct: torch.dtype, dev: torch.device) -> list:
     runs, s = [], 0
     while s < len(per_sample):
         end = s + 1
@@ -60,7 +46,6 @@ def _runs(bank: BankTensors, batch: BatchTensors, ct: torch.dtype):  # noqa: ANN
         if per_sample[s] and rows[end] > rows[s]:
             index = [i for st, r, _ in per_sample[s] for i in range(st, st + r)]
             coef = [c for _, r, c in per_sample[s] for _ in range(r)]
-            dev = bank.lora_a.device
             runs.append(
                 (
                     rows[s],
@@ -70,9 +55,6 @@ def _runs(bank: BankTensors, batch: BatchTensors, ct: torch.dtype):  # noqa: ANN
                 )
             )
         s = end
-    _RUNS[key] = runs
-    if len(_RUNS) > _RUNS_SIZE:
-        _RUNS.popitem(last=False)
     return runs
 
 
