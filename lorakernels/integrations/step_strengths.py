@@ -21,6 +21,7 @@ recurred long enough to pay for a merged weight.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -55,6 +56,7 @@ class StepStrengths:
         self.step = 0
         self.batch = None
         self._applied: list[dict[str, float]] | None = None
+        self._thread = threading.get_ident()
 
     def initial(self) -> list[dict[str, float]]:
         """The UNet batch's mixtures to open the ``use()`` block with: every scheduled
@@ -78,7 +80,11 @@ class StepStrengths:
         return float(sigmas[step])
 
     def before_unet(self, module: Any, args: Any) -> None:
-        """Forward pre-hook: the batch gets this step's strengths (rewritten only on change)."""
+        """Forward pre-hook: the batch gets this step's strengths (rewritten only on change).
+        A call of the same UNet from another thread (a server worker sharing the model) leaves
+        this batch alone; one pipeline object itself is not thread-safe (its scheduler)."""
+        if threading.get_ident() != self._thread:
+            return
         timesteps = getattr(self.pipe.scheduler, "timesteps", None)  # None before set_timesteps
         num_steps = len(timesteps) if timesteps is not None else 1
         mixes = self.expand(self._prompt_mixtures(self.step, num_steps, self._sigma(self.step)))
@@ -103,6 +109,7 @@ class StepStrengths:
                 "which schedules need to know the step"
             )
         self.batch = batch
+        self._thread = threading.get_ident()
         user = pipe_kwargs.get("callback_on_step_end")
 
         def callback(pipe, step, timestep, callback_kwargs):
