@@ -927,17 +927,15 @@ class MultiLoRA:
             held = self._held.get(id(batch))
             if held is None:
                 raise ValueError("batch: no open use() block of this manager has it")
-            if self.drop_empty:  # adapters without weights here were never held: skip them
-                names = {n for n in names if n not in self._empty}
-            outside = sorted(names - held)
+            # adapters without weights here were never held; use() drops them the same way
+            empty = self._empty if self.drop_empty else {}
+            outside = sorted(n for n in names - held if n not in empty)
             if outside:
                 raise KeyError(
                     f"mixtures name adapter(s) {outside} that the use() block does not hold; "
                     "open the block with them (strength 0 holds an adapter without using it)"
                 )
-            if self.drop_empty:
-                canon = [{k: w for k, w in m.items() if k not in self._empty} for m in canon]
-            batch.fill_(canon, self.slots)
+            batch.fill_([{k: w for k, w in m.items() if k not in empty} for m in canon], self.slots)
 
     def _wait_events(self, names: Iterable[str]) -> None:
         if not self._events:

@@ -41,6 +41,7 @@ __all__ = [
     "check_schedule",
     "mixture_at",
     "position",
+    "scheduler_sigma",
     "strength_at",
 ]
 
@@ -143,6 +144,15 @@ def strength_at(
         return _finite(float(w), f"{where} at step {step}")
     values = schedule
     return float(values[min(len(values) - 1, step * len(values) // max(num_steps, 1))])
+
+
+def scheduler_sigma(scheduler: object, step: int) -> float | None:
+    """The noise level a diffusers scheduler runs step ``step`` at (``scheduler.sigmas``),
+    ``None`` for schedulers without sigmas (DDIM, PNDM) or past their end."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or step >= len(sigmas):
+        return None
+    return float(sigmas[step])
 
 
 def mixture_at(

@@ -21,6 +21,7 @@ from torch import nn
 from lorakernels import MultiLoRA
 from lorakernels import plan as planner
 from lorakernels.integrations.diffusers import generate, patch
+from lorakernels.integrations.step_strengths import StepStrengths
 from lorakernels.prompt import parse_prompt
 from lorakernels.schedule import Keyframes, Summed, check_schedule, strength_at
 
@@ -113,6 +114,8 @@ def test_bad_schedule_syntax_names_the_tag(prompt, match):
 
 NAMES = ("ink", "cyber")
 STEPS = 4
+# the pipeline call of every run here, generate's and the oracle's
+RUN = dict(guidance_scale=7.5, num_inference_steps=STEPS, output_type="latent", height=8, width=8)
 
 
 def _pipeline_with_loras(folder):
@@ -157,15 +160,7 @@ def _oracle(pristine, factors, text, per_step, latents):
     parts["unet"] = PerStep()
     pipe = type(pristine)(**parts)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        prompt=text,
-        latents=latents,
-        guidance_scale=7.5,
-        num_inference_steps=STEPS,
-        output_type="latent",
-        height=8,
-        width=8,
-    ).images
+    out = pipe(prompt=text, latents=latents, **RUN).images
     assert len(calls) == STEPS
     return out
 
@@ -177,28 +172,16 @@ def test_generate_applies_each_steps_strengths(tmp_path):
     prompts = [
         "<lora:ink:0@0,1@3> a cat",  # ramps 0, 1/3, 2/3, 1 over the 4 steps
         "<lora:cyber:0.6:start=1:stop=3> <lora:ink:0.3> a dog",  # window: steps 1 and 2
-        "a tree",  # base, its strengths never change
+        "a tree",  # no tag: its schedule comes from the API, a callable of sigma
     ]
+    schedules = [None, None, {"cyber": lambda step, sigma: 0.005 * sigma}]
     per_step = [
         [{"ink": s / 3} for s in range(STEPS)],
         [{"ink": 0.3, "cyber": 0.6 if 1 <= s < 3 else 0.0} for s in range(STEPS)],
-        [{} for _ in range(STEPS)],
+        [{"cyber": 0.005 * sigmas[s]} for s in range(STEPS)],
     ]
-    # the third prompt's schedule comes from the API: a callable of sigma
-    schedules = [None, None, {"cyber": lambda step, sigma: 0.005 * sigma}]
-    per_step[2] = [{"cyber": 0.005 * sigmas[s]} for s in range(STEPS)]
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    got = generate(
-        pipe,
-        prompts,
-        lora_schedules=schedules,
-        latents=latents,
-        guidance_scale=7.5,
-        num_inference_steps=STEPS,
-        output_type="latent",
-        height=8,
-        width=8,
-    ).images
+    got = generate(pipe, prompts, lora_schedules=schedules, latents=latents, **RUN).images
     for i, prompt in enumerate(prompts):
         text = prompt.split("> ")[-1]
         want = _oracle(pristine, factors, text, per_step[i], latents[i : i + 1])
@@ -215,17 +198,29 @@ def test_generate_applies_each_steps_strengths(tmp_path):
                 assert float((alt - want).abs().max()) > 20 * tol, f"{prompt!r}: guard too weak"
 
 
-def test_generate_rejects_bad_schedules_before_running(tmp_path):
+def test_generate_rejects_bad_schedules_naming_the_entry(tmp_path):
     _, pipe, _ = _pipeline_with_loras(tmp_path)
-    kw = dict(num_inference_steps=2, output_type="latent", height=8, width=8)
+    with pytest.raises(TypeError, match="one {adapter: schedule} mapping per prompt"):
+        generate(pipe, ["a"], lora_schedules={"ink": 1.0}, **RUN)
+    with pytest.raises(TypeError, match=r"lora_schedules\[1\]: expected a mapping"):
+        generate(pipe, ["a", "b"], lora_schedules=[None, [1.0, 0.5]], **RUN)
     with pytest.raises(ValueError, match="lora_schedules has 1 entries for 2 prompts"):
-        generate(pipe, ["a", "b"], lora_schedules=[{"ink": 1.0}], **kw)
+        generate(pipe, ["a", "b"], lora_schedules=[{"ink": 1.0}], **RUN)
     with pytest.raises(KeyError, match=r"lora_schedules\[0\]\['nope'\]"):
-        generate(pipe, ["a"], lora_schedules=[{"nope": 1.0}], **kw)
+        generate(pipe, ["a"], lora_schedules=[{"nope": 1.0}], **RUN)
     with pytest.raises(ValueError, match=r"lora_schedules\[0\]\['ink'\] at step 0"):
-        generate(pipe, ["a"], lora_schedules=[{"ink": lambda s, sig: math.nan}], **kw)
+        generate(pipe, ["a"], lora_schedules=[{"ink": lambda s, sig: math.nan}], **RUN)
     # nothing stays open or held after a failed call: a plain call still runs
-    generate(pipe, ["<lora:ink:1> a"], **kw)
+    generate(pipe, ["<lora:ink:1> a"], **RUN)
+
+
+def test_a_pipeline_without_step_callbacks_is_refused_before_any_work():
+    class OldPipeline:  # diffusers before callback_on_step_end
+        def __call__(self, prompt, num_inference_steps=50):
+            raise AssertionError("must not run")
+
+    with pytest.raises(TypeError, match="OldPipeline takes no callback_on_step_end"):
+        StepStrengths(OldPipeline(), None, [{}], [{"ink": 1.0}], list)
 
 
 # ---------------------------------------------------------------------- refill, compile, plan

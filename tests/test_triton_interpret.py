@@ -22,23 +22,17 @@ with ``TRITON_INTERPRET=1 pytest tests/test_triton_interpret.py`` to see each ca
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import pytest
 import torch  # noqa: E402
 import triton  # noqa: E402, F401  ([dev] installs it: a broken install fails, not skips)
+from interpreter import INTERPRET, rerun
 from torch import Tensor  # noqa: E402
 
 from lorakernels.kernels import BankTensors, BatchTensors, LaunchMeta, LoRAArgs, reference  # noqa: E402
 from lorakernels.kernels.triton import dispatch  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ROOT = Path(__file__).resolve().parents[1]
 FLOAT_ARGS = ("x", "weight", "bias", "lora_a", "lora_bt")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -258,18 +252,7 @@ if not INTERPRET:
 
     def test_interpreter_suite_in_subprocess(request):
         """Re-run this module with ``TRITON_INTERPRET=1`` (see the module docstring)."""
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        markexpr = request.config.option.markexpr
-        if markexpr:
-            cmd += ["-m", markexpr]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        print(done.stdout[-8000:], done.stderr[-2000:])
-        # Exit code 5 (nothing collected) is a failure too: this test was selected, so the
-        # interpreter suite must have run something (issue 10, D5).
-        assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
-        assert re.search(r"\b[1-9]\d* passed", done.stdout), done.stdout[-2000:]
+        rerun(__file__, request)
 
 else:
     from lorakernels.kernels import triton as backend

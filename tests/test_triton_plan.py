@@ -3,8 +3,8 @@
 Through the public ``lorakernels.multi_lora_linear(..., backend="triton", plan=...)`` on CPU
 tensors with ``TRITON_INTERPRET=1``: ``plan="merged"`` and ``plan="auto"`` (a calibration
 that makes merging pay, so the ski rental merges on the second call) run merged and unmerged
-groups in one launch of the segmented kernel; ``"unmerged"`` and autograd (the forward with
-an input requiring grad, and the backward's own op call) run the fused/pair path as before;
+groups in one launch of the segmented kernel; ``"unmerged"`` and the backward pass's own op
+call run the fused/pair path as before (a forward that autograd records may merge);
 under ``torch.compile`` the plan changes at run time without a recompile. fp16 and bf16;
 a batch of uneven row counts with a two-adapter mixture used twice, a one-adapter mixture, a
 negative strength and a base-only sample.
@@ -26,16 +26,12 @@ module holds one test that re-runs it in a fresh interpreter with the variable s
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 import triton  # noqa: F401  ([dev] installs it: a broken install fails, not skips)
+from interpreter import INTERPRET, rerun
+from test_plan import fake_calibration
 
 import lorakernels as lk
 from lorakernels import plan
@@ -43,8 +39,6 @@ from lorakernels.bank import LoRABank
 from lorakernels.batch import LoRABatch
 from lorakernels.testing import Problem, peft_style_oracle, plain_torch_error, tolerance
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ROOT = Path(__file__).resolve().parents[1]
 HALF = (torch.float16, torch.bfloat16)
 K, N = 48, 64
 RANKS = {1: 4, 4: 8, 7: 16}  # slot -> rank (slot ids spread out, not 0..L-1)
@@ -161,17 +155,11 @@ def input_grad(p: Problem, g: torch.Tensor) -> torch.Tensor:
     return dx
 
 
-def fake_calibration() -> plan.Calibration:
+def merging_calibration() -> plan.Calibration:
     """Constants under which merging pays at these tiny shapes: a slow rank GEMM (the LoRA
     term costs ~10 ms a group) against a fast GEMM and memory (a build costs ~1 us)."""
-    return plan.Calibration(
-        key=plan.calibration_key(),
-        gemm_flops={"fp32": 1e12},
-        thin_flops=1e6,
-        bandwidth=1e12,
-        call_s=1e-9,
-        row_block=0,
-        pack_s={"fp32": 0.0},
+    return fake_calibration(
+        gemm_flops={"fp32": 1e12}, thin_flops=1e6, bandwidth=1e12, call_s=1e-9, pack_s={}
     )
 
 
@@ -179,16 +167,7 @@ if not INTERPRET:
 
     def test_interpreter_suite_in_subprocess(request):
         """Re-run this module with ``TRITON_INTERPRET=1`` (see the module docstring)."""
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        markexpr = request.config.option.markexpr
-        if markexpr:
-            cmd += ["-m", markexpr]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        print(done.stdout[-8000:], done.stderr[-2000:])
-        assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
-        assert re.search(r"\b[1-9]\d* passed", done.stdout), done.stdout[-2000:]
+        rerun(__file__, request)
 
 else:
     from lorakernels.kernels.triton import launch, planned
@@ -197,7 +176,7 @@ else:
     def fresh_planner(monkeypatch):
         """No measurement; an empty cache and summary per test; launches counted."""
         monkeypatch.delenv("LORAKERNELS_PLAN", raising=False)
-        plan.set_calibration(fake_calibration())
+        plan.set_calibration(merging_calibration())
         plan.CACHE.clear()
         plan.reset_summary()
         yield
@@ -337,17 +316,18 @@ else:
         """fp32, K or N not a multiple of 16, a non-contiguous weight, and the plan in force."""
         x, w = torch.zeros(4, 48, dtype=torch.bfloat16), torch.zeros(64, 48, dtype=torch.bfloat16)
         with plan.use_plan("merged"):
-            assert planned.planner_mode(x, w, None) == "merged"
-            assert planned.planner_mode(x.float(), w.float(), None) == "unmerged"
-            assert planned.planner_mode(x[:, :40], w[:, :40], None) == "unmerged"
-            assert planned.planner_mode(x, w[:56], None) == "unmerged"
+            assert planned.planner_mode(x, w) == "merged"
+            assert planned.planner_mode(x.float(), w.float()) == "unmerged"
+            assert planned.planner_mode(x[:, :40], w[:, :40]) == "unmerged"
+            assert planned.planner_mode(x, w[:56]) == "unmerged"
             wt = torch.zeros(48, 64, dtype=torch.bfloat16).T
-            assert planned.planner_mode(x, wt, None) == "unmerged"
-            b = torch.zeros(64, dtype=torch.bfloat16, requires_grad=True)
-            assert planned.planner_mode(x, w, b) == "merged"  # a recorded forward may merge
-        assert planned.planner_mode(x, w, None) == "auto"  # CPU tensors: the CPU calibration
+            assert planned.planner_mode(x, wt) == "unmerged"
+            # a forward that autograd records may merge: the op's backward formula gives the
+            # gradients (the backward's own op call is checked in the autograd test above)
+            assert planned.planner_mode(x.clone().requires_grad_(), w) == "merged"
+        assert planned.planner_mode(x, w) == "auto"  # CPU tensors: the CPU calibration
         with plan.use_plan("unmerged"):
-            assert planned.planner_mode(x, w, None) == "unmerged"
+            assert planned.planner_mode(x, w) == "unmerged"
 
     def test_compiled_call_plans_inside_the_op_without_recompiling(launches):
         """Under ``torch.compile`` the plan is taken at run time inside the custom op: the

@@ -21,12 +21,13 @@ recurred long enough to pay for a merged weight.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from ..schedule import Schedule, mixture_at
+from ..schedule import Schedule, mixture_at, scheduler_sigma
 
 
 class StepStrengths:
@@ -38,6 +39,9 @@ class StepStrengths:
         base: one ``{adapter: strength}`` per prompt, the constant UNet strengths.
         schedules: one ``{adapter: schedule}`` per prompt (canonical names).
         expand: per-prompt mixtures -> the UNet batch's (images per prompt, guidance halves).
+
+    Raises ``TypeError`` for a pipeline without ``callback_on_step_end`` (schedules need it
+    to know the step), before the call encodes or loads anything.
     """
 
     def __init__(
@@ -48,6 +52,11 @@ class StepStrengths:
         schedules: Sequence[Mapping[str, Schedule]],
         expand: Callable[[list[dict[str, float]]], list[dict[str, float]]],
     ) -> None:
+        if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
+            raise TypeError(
+                f"lora_schedules: {type(pipe).__name__} takes no callback_on_step_end, "
+                "which schedules need to know the step"
+            )
         self.pipe = pipe
         self.manager = manager
         self.base = [dict(b) for b in base]
@@ -56,7 +65,7 @@ class StepStrengths:
         self.step = 0
         self.batch = None
         self._applied: list[dict[str, float]] | None = None
-        self._thread = threading.get_ident()
+        self._thread: int | None = None  # the thread running the pipeline (set by running)
 
     def initial(self) -> list[dict[str, float]]:
         """The UNet batch's mixtures to open the ``use()`` block with: every scheduled
@@ -73,12 +82,6 @@ class StepStrengths:
             for i, (b, s) in enumerate(zip(self.base, self.schedules, strict=True))
         ]
 
-    def _sigma(self, step: int) -> float | None:
-        sigmas = getattr(self.pipe.scheduler, "sigmas", None)
-        if sigmas is None or step >= len(sigmas):
-            return None
-        return float(sigmas[step])
-
     def before_unet(self, module: Any, args: Any) -> None:
         """Forward pre-hook: the batch gets this step's strengths (rewritten only on change).
         A call of the same UNet from another thread (a server worker sharing the model) leaves
@@ -87,7 +90,8 @@ class StepStrengths:
             return
         timesteps = getattr(self.pipe.scheduler, "timesteps", None)  # None before set_timesteps
         num_steps = len(timesteps) if timesteps is not None else 1
-        mixes = self.expand(self._prompt_mixtures(self.step, num_steps, self._sigma(self.step)))
+        sigma = scheduler_sigma(self.pipe.scheduler, self.step)
+        mixes = self.expand(self._prompt_mixtures(self.step, num_steps, sigma))
         if mixes != self._applied:
             self.manager.refill(self.batch, mixes)
             self._applied = mixes
@@ -100,14 +104,6 @@ class StepStrengths:
     def running(self, batch: Any, pipe_kwargs: dict[str, Any]):
         """Inside the block the UNet's calls see per-step strengths; ``pipe_kwargs`` gets a
         ``callback_on_step_end`` that chains the caller's own (called after ours)."""
-        import inspect
-
-        params = inspect.signature(self.pipe.__call__).parameters
-        if "callback_on_step_end" not in params:
-            raise TypeError(
-                f"lora_schedules: {type(self.pipe).__name__} takes no callback_on_step_end, "
-                "which schedules need to know the step"
-            )
         self.batch = batch
         self._thread = threading.get_ident()
         user = pipe_kwargs.get("callback_on_step_end")

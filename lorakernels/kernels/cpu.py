@@ -55,8 +55,9 @@ native base took the 77-row text layer's unmerged rows from 4.3x to 2.1x the bf1
 float32 LoRA term then bounds it: its FLOPs (7 % of the base's there) run at the float32 rate,
 0.31x the bf16 base's time. Where bf16 is emulated it is 3-4x slower and never chosen.
 
-Autograd: when ``x`` or ``weight`` requires grad, everything runs unmerged (a cached merged
-weight is not connected to ``W``). float64 always runs unmerged (it is the oracle's dtype).
+Autograd: when ``x`` or ``weight`` requires grad (grad mode on), everything runs unmerged (a
+cached merged weight is not connected to ``W``), and so does every call inside a backward pass
+(:func:`.hostplan.in_backward`). float64 always runs unmerged (it is the oracle's dtype).
 
 Padding: the batched form pads every sample to the largest summed rank in the batch; it is
 used only while the padded work stays under 1.5x the real work, else the per-run form runs.
@@ -370,10 +371,12 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         st = hostplan.layer_state(h, weight, lora_a, lora_bt, tensors)
     if not active and native:
         return torch.nn.functional.linear(x, weight, bias)  # the base layer itself
-    # unmerged rows compute in ct: float32 copies of half weights are cached per layer
+    # unmerged rows and upcast merged GEMMs compute in ct: float32 copies of half weights are
+    # cached per layer, and not made where both run native (the copy would be 2x W's bytes)
+    w32 = None
     if weight.dtype == ct or st is None:
         w32 = weight.to(ct)
-    else:
+    elif not (native and native_un):
         wkey = (id(lora_a), (), "W", ct)
         w32 = cache.get(wkey)
         if w32 is None:

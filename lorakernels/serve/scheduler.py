@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..schedule import Schedule, mixture_at
+from ..schedule import Schedule, mixture_at, scheduler_sigma
 from . import adapters_bridge as bridge
 
 GroupKey = tuple[int, int, torch.dtype]
@@ -73,8 +73,7 @@ class ImageJob:
         if not self.unet_schedule:
             return self.unet_mixture
         step = self.step_index
-        sigmas = getattr(self.scheduler, "sigmas", None)
-        sigma = float(sigmas[step]) if sigmas is not None and step < len(sigmas) else None
+        sigma = scheduler_sigma(self.scheduler, step)
         return mixture_at(
             self.unet_mixture, self.unet_schedule, step, len(self.timesteps), sigma, "prompt"
         )

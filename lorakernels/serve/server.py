@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..prompt import parse_prompt
+from ..schedule import Schedule
 from . import adapters_bridge as bridge
 from . import samplers
 from .metrics import Metrics
@@ -122,7 +123,7 @@ class _Pending:
     images: dict[int, Any] = field(default_factory=dict)
     failed: bool = False
     was_resident: bool = False
-    unet_schedule: dict[str, Any] = field(default_factory=dict)  # adapter -> strength schedule
+    unet_schedule: dict[str, Schedule] = field(default_factory=dict)
 
     @property
     def adapter_names(self) -> list[str]:

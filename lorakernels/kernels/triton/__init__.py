@@ -6,8 +6,8 @@ Semantics, argument table and the ``t`` layout of the pair: :mod:`lorakernels.ke
   base GEMM + pair by :func:`.dispatch.choose` (shapes and ``meta`` only; the cost reasoning is
   in :mod:`.dispatch`). Fused rounds once; base + pair rounds the base output, then once more.
   Where the planner (:mod:`lorakernels.plan`) merges groups -- ``plan="merged"``, or
-  ``"auto"`` under the interpreter; fp16/bf16, K and N multiples of 16, no autograd, not
-  while tracing or capturing -- the call is one launch of the segmented kernel instead,
+  ``"auto"`` under the interpreter; fp16/bf16, K and N multiples of 16, not in a backward
+  pass, not while tracing or capturing -- the call is one launch of the segmented kernel instead,
   merged and unmerged groups together (:mod:`.planned`).
 * :func:`lora_shrink` -> fp32 ``t [M, meta.max_entries * meta.max_rank]``.
 * :func:`lora_expand` adds the LoRA term onto ``y`` in place.

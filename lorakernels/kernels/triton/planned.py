@@ -62,7 +62,7 @@ _NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _STACK = "triton-stack"
 
 
-def planner_mode(x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
+def planner_mode(x: Tensor, weight: Tensor) -> str:
     """The plan this call takes: ``"unmerged"`` wherever merged groups cannot or must not run
     (see the module docstring), else the plan in force."""
     if x.dtype not in _NAMES:
@@ -89,7 +89,7 @@ def plan_merged_groups(
 ) -> launch.Launch | None:
     """The segmented launch of this call when at least one group runs merged, else ``None``
     (the caller's usual fused or pair path). Records the plan summary when the planner ran."""
-    mode = planner_mode(x, weight, bias)
+    mode = planner_mode(x, weight)
     if mode == "unmerged":
         return None
     lora_a, lora_bt = lora.bank.lora_a, lora.bank.lora_bt
