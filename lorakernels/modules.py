@@ -7,11 +7,12 @@ all layers of a model: setting ``context.batch`` once reaches every layer, with 
 hooks. With no active batch, or a batch where nobody uses an adapter, a layer runs exactly the
 original ``F.linear``/``F.conv2d`` (bit-identical output).
 
-Convolutions: a 1x1 convolution (stride 1, no padding, one group; SD1.5's ``proj_in`` /
-``proj_out``) runs the fused linear path on its ``B*H*W`` pixel rows. Any other convolution
-(LoCon's k x k resnet convs) computes the base ``conv2d`` once and the backend adds the LoRA
-term as ``conv2d(conv2d(x, A), B)`` (:func:`~lorakernels.ops.multi_lora_conv2d`): correct,
-not fused. Padding modes other than zeros pad the input once for both.
+Convolutions go through :func:`~lorakernels.ops.multi_lora_conv2d` with the layer's own
+weight and bias: the cpu backend plans merged/unmerged groups in NCHW (SD1.5's 1x1
+``proj_in``/``proj_out`` without layout copies); GPU backends run a 1x1 convolution (stride 1,
+no padding) as their fused linear kernel over the ``B*H*W`` pixel rows and a k x k one (LoCon's
+resnet convs) as the base ``conv2d`` plus ``conv2d(conv2d(x, A), B)``: correct, not fused.
+Padding modes other than zeros pad the input once for both.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ class MultiLoRAConv2d(nn.Conv2d):
 
     @property
     def is_pointwise(self) -> bool:
-        """1x1, stride 1, no padding: runs as a linear layer over pixel rows (fused path)."""
+        """1x1, stride 1, no padding: NCHW GEMMs on the cpu backend, pixel rows on GPUs."""
         return (
             self.kernel_size == (1, 1)
             and self.stride == (1, 1)
@@ -243,43 +244,22 @@ class MultiLoRAConv2d(nn.Conv2d):
         batch = _active(self.lora_context, self.lora_bank)
         if batch is None:
             return self._conv_forward(x, self.weight, self.bias)
-        backend = self.lora_context.backend
-        if self.is_pointwise and x.dim() == 4:
-            b, c, h, w = x.shape
-            # [B, H*W, C]: ops checks B against the batch's sample count
-            rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-            weight = self.weight.view(self.out_channels, c)
-            y = multi_lora_linear(
-                rows,
-                weight,
-                self.bias,
-                self.lora_bank,
-                batch,
-                backend=backend,
-                plan=self.lora_context.plan,
-            )
-            y = y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
-            # give back the input's memory format: a channels-last view leaking into an NCHW
-            # model makes oneDNN reorder every later 3x3 conv's weights (measured: SD1.5
-            # resnet convs 65 -> 166 ms a call at 1280 channels)
-            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-                return y
-            return y.contiguous()
-        base = self._conv_forward(x, self.weight, self.bias)
         padding = self.padding
         if self.padding_mode != "zeros":
             # as nn.Conv2d does: pad once with the mode, then convolve without padding (the
             # LoRA term used to zero-pad here, silently disagreeing with the base at the edges)
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
+        ctx = self.lora_context
         return multi_lora_conv2d(
             x,
-            base,
+            self.weight,
+            self.bias,
             self.lora_bank,
             batch,
-            self.weight.shape,
             self.stride,
             padding,
             self.dilation,
-            backend=backend,
+            backend=ctx.backend,
+            plan=ctx.plan,
         )

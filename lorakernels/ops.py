@@ -20,8 +20,9 @@ call, 2-3 % of a 77-row text layer). ``triton`` and ``cuda`` always, and every b
 (schema in :mod:`lorakernels._ops`), so that ``torch.compile(fullgraph=True)`` traces through
 a patched model without graph breaks and without specialising on the batch's contents.
 
-k x k convolutions go to the backend's ``multi_lora_conv2d`` (cpu, reference); backends
-without one (triton, cuda) run the reference's.
+Convolutions go to the backend's ``multi_lora_conv2d`` (cpu, reference: base ``conv2d``
+included); backends without one (triton, cuda) run pointwise convolutions as their linear op
+over pixel rows and k x k ones as the base ``conv2d`` plus the reference's LoRA term.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ import contextvars
 import functools
 import importlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ops
@@ -323,53 +325,119 @@ def multi_lora_linear(
     return y.reshape(*lead, weight.shape[0])
 
 
-def _conv_impl(name: str) -> Callable[..., Tensor]:
-    fn = getattr(backend_module(name), "multi_lora_conv2d", None)
-    return fn if fn is not None else backend_module("reference").multi_lora_conv2d
+def _pair(v: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(i, int) for i in t):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def _check_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[int, int, int, int]:
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(
+            f"weight must be a 4-D [C_out, C_in, kh, kw] tensor, got "
+            f"{tuple(getattr(weight, 'shape', ())) or weight!r}"
+        )
+    c_out, c_in, kh, kw = weight.shape
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != c_in:
+        raise ValueError(
+            f"x must be [N, C_in={c_in}, H, W] (weight.shape[1]), got "
+            f"{tuple(getattr(x, 'shape', ()))}"
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    _check_same("weight", weight, x)
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (c_out,):
+            raise ValueError(
+                f"bias must have shape [C_out]=({c_out},), got {tuple(getattr(bias, 'shape', ()))}"
+            )
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+        _check_same("bias", bias, x)
+    return c_out, c_in, kh, kw
 
 
 def multi_lora_conv2d(
     x: Tensor,
-    base: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
     bank: LoRABank,
     batch: LoRABatch,
-    weight_shape: tuple[int, ...] | torch.Size,
-    stride: tuple[int, int],
-    padding: tuple[int, int] | str,
-    dilation: tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
     backend: str | None = None,
+    plan: str | None = None,
 ) -> Tensor:
-    """``base + Σ strength * (alpha/r) * conv2d(conv2d(x, A), B)`` per sample (k x k convs).
+    """``conv2d(x, weight, bias) + Σ strength * (alpha/r) * conv2d(conv2d(x, A), B)`` per sample.
 
-    The unfused LoCon path: ``A`` is the bank's ``[r, C_in*kh*kw]`` rows viewed as a
-    ``[r, C_in, kh, kw]`` convolution with the layer's stride, padding (zeros; pad ``x``
-    yourself for other modes) and dilation; ``B`` is a 1x1 convolution ``[C_out, r]``.
-    Samples are the ``N`` of ``x [N, C_in, H, W]`` (split into ``S`` equal groups). Computes
-    in float32 (float64 for float64 input) and rounds once.
+    ``A`` is the bank's ``[r, C_in*kh*kw]`` rows viewed as a ``[r, C_in, kh, kw]`` convolution
+    with the layer's stride, padding (zeros; pad ``x`` yourself for other modes) and
+    dilation; ``B`` is a 1x1 convolution ``[C_out, r]``. Samples are the ``N`` of
+    ``x [N, C_in, H, W]`` (split into ``S`` equal groups of images).
+
+    Backends: cpu plans merged and unmerged groups (``plan``, as for
+    :func:`multi_lora_linear`) and computes in NCHW (:mod:`lorakernels.kernels.cpu_conv`;
+    under ``torch.compile`` a pointwise convolution runs as the linear op over pixel rows);
+    reference computes everything in float32 (float64 for float64) and rounds once. Backends
+    without convolutions of their own (triton, cuda) run a pointwise convolution (1x1,
+    stride 1, no padding) as their linear op over pixel rows, and a k x k one as the base
+    ``conv2d`` in ``x.dtype`` plus the reference's LoRA term.
 
     Args:
         x: ``[N, C_in, H, W]`` layer input.
-        base: ``[N, C_out, H', W']``, the base ``conv2d`` output (a backend may add the LoRA
-            term into it in place when it is already float32/float64).
-        weight_shape: the layer's ``[C_out, C_in, kh, kw]``.
-        backend: as for :func:`multi_lora_linear`.
+        weight: ``[C_out, C_in, kh, kw]``, same dtype and device as ``x``.
+        bias: ``[C_out]`` or ``None``.
+        stride, padding, dilation: as for ``F.conv2d`` (``padding`` may be "same"/"valid").
+        backend, plan: as for :func:`multi_lora_linear`.
+
+    Returns:
+        ``[N, C_out, H', W']`` in ``x.dtype``, in ``x``'s memory format.
     """
-    c_out, c_in, kh, kw = weight_shape
-    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != c_in:
-        raise ValueError(f"x must be [N, {c_in}, H, W], got {tuple(getattr(x, 'shape', ()))}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if not isinstance(base, Tensor) or base.dim() != 4 or base.shape[:2] != (x.shape[0], c_out):
-        raise ValueError(
-            f"base must be [N={x.shape[0]}, C_out={c_out}, H', W'], got "
-            f"{tuple(getattr(base, 'shape', ()))}"
-        )
-    _check_same("base", base, x)
-    bank_t = _check_bank(bank, x, c_in * kh * kw, c_out, "weight_shape (C_in*kh*kw, C_out)")
+    if plan is not None:
+        with _plan.call_plan(plan):
+            return multi_lora_conv2d(
+                x, weight, bias, bank, batch, stride, padding, dilation, backend
+            )
+    c_out, c_in, kh, kw = _check_conv(x, weight, bias)
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if not isinstance(padding, str):
+        padding = _pair(padding, "padding")
+    bank_t = _check_bank(bank, x, c_in * kh * kw, c_out, "weight (C_in*kh*kw, C_out)")
     if batch.rows_per_sample is not None:
-        raise ValueError("batch: k x k convolutions need equal-length samples (no rows_per_sample)")
+        raise ValueError("batch: convolutions need equal-length samples (no rows_per_sample)")
     _check_batch(batch, bank, bank_t, x, x.shape[0])
     name = resolve_backend(x.device, backend, x.dtype)
-    conv = ConvMeta(c_in, kh, kw, tuple(stride), padding, tuple(dilation))
+    conv = ConvMeta(c_in, kh, kw, stride, padding, dilation)
+    pointwise = (kh, kw) == (1, 1) and stride == (1, 1) and padding in ((0, 0), "valid", "same")
+    compiling = torch.compiler.is_compiling()
+    impl = None if compiling else getattr(backend_module(name), "multi_lora_conv2d", None)
+    if pointwise and impl is None:
+        # the linear custom op: also what torch.compile traces without graph breaks (the cpu
+        # conv plans on the host)
+        return _pointwise_as_linear(x, weight, bias, bank, batch, name)
+    if compiling:  # k x k: traced through the backend's python (graph breaks on the host plan)
+        impl = getattr(backend_module(name), "multi_lora_conv2d", None)
+    if impl is not None:
+        return impl(x, weight, bias, _lora_args(bank, bank_t, batch, x.shape[0], x.device), conv)
+    base = F.conv2d(x, weight, bias, stride, padding, dilation)
     lora = _lora_args(bank, bank_t, batch, x.shape[0], x.device)
-    return _conv_impl(name)(x, base, lora, conv)
+    return backend_module("reference").add_conv_lora(x, base, lora, conv)
+
+
+def _pointwise_as_linear(x, weight, bias, bank, batch, name: str) -> Tensor:
+    """A 1x1 convolution as the backend's linear op over the ``N*H*W`` pixel rows (the fused
+    GPU kernels take rows; one layout copy in and one back)."""
+    b, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, H*W, C]: B checked vs samples
+    y = multi_lora_linear(rows, weight.view(weight.shape[0], c), bias, bank, batch, name)
+    y = y.view(b, h, w, -1).permute(0, 3, 1, 2)
+    # give back the input's memory format: a channels-last view leaking into an NCHW model
+    # makes oneDNN reorder every later 3x3 conv's weights (measured: SD1.5 resnet convs
+    # 65 -> 166 ms a call at 1280 channels)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return y
+    return y.contiguous()

@@ -269,7 +269,10 @@ def test_torch_compile_fullgraph_no_recompile_on_new_mixtures(setup, compiler):
         with mlora.use(mix):
             outs.append((compiled(x), model(x)))
     for got, eager in outs:
-        torch.testing.assert_close(got, eager)
+        # the compiled graph runs the 1x1 proj_in as a GEMM over pixel rows, eager mode in
+        # NCHW: the same float32 sums in another order, a few ulps of the largest output apart
+        tol = 8 * torch.finfo(torch.float32).eps * float(eager.abs().max())
+        assert float((got - eager).abs().max()) <= tol
     frames = counters["stats"]["unique_graphs"]
     assert frames == 1, f"expected one graph, got {frames} (recompiled on new mixtures)"
 

@@ -182,17 +182,6 @@ def test_conv_padding_modes_match_merged_weights():
         assert (y.double() - want).abs().max() < 1e-4, mode
 
 
-def test_conv_validates_base_and_bank():
-    bank = lk.LoRABank(3 * 9, 4)
-    batch = lk.LoRABatch.from_mixtures([{}])
-    x = torch.randn(2, 3, 5, 5)
-    geom = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}
-    with pytest.raises(ValueError, match="base must be"):
-        lk.multi_lora_conv2d(x, torch.randn(2, 5, 5, 5), bank, batch, (4, 3, 3, 3), **geom)
-    with pytest.raises(ValueError, match="bank is for"):
-        lk.multi_lora_conv2d(x, torch.randn(2, 4, 5, 5), bank, batch, (4, 3, 1, 1), **geom)
-
-
 def test_output_cache_sees_bank_and_weight_changes():
     lin = nn.Linear(6, 5)
     ctx = lk.modules.LoRAContext()

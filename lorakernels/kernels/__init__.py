@@ -8,12 +8,15 @@ backend module (``ops.py`` is the only place that chooses between them):
     def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs) -> Tensor
     def unavailable_reason(device: torch.device) -> str | None
 
-and, where the backend has one, the k x k LoCon convolution (``ops`` uses the reference's
-where the resolved backend has none):
+and, where the backend has one, the convolution, base ``conv2d`` included (``ops`` runs a
+backend without one as its linear op over pixel rows for 1x1 convolutions, and as the base
+``conv2d`` plus the reference's LoRA term for k x k ones):
 
 .. code-block:: python
 
-    def multi_lora_conv2d(x: Tensor, base: Tensor, lora: LoRAArgs, conv: ConvMeta) -> Tensor
+    def multi_lora_conv2d(
+        x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs, conv: ConvMeta
+    ) -> Tensor
 
 ``lora`` (:class:`LoRAArgs`, the one kernel-metadata object, as in vLLM) holds two bundles and
 the bounds: ``lora.bank``, the layer's adapter storage (:class:`BankTensors`, from
@@ -59,7 +62,8 @@ groups of images (``row_ptr`` counts images) and the two products replaced by co
     t = conv2d(x[rows].float(), lora_a[a:a + r].view(r, C_in, kh, kw), stride, padding, dilation)
     y[rows] += entry_weight[e] * slot_scale[l] * conv2d(t, lora_bt[a:a + r].T.view(N, r, 1, 1))
 
-with ``y = base.float()`` (the layer's own ``conv2d`` output) at the start.
+with ``y = conv2d(x, weight, bias, stride, padding, dilation).float()`` (the layer's own
+``conv2d``, ``weight [C_out, C_in, kh, kw]``) at the start.
 
 Numerics: accumulate in fp32, the rank intermediate stays fp32, one rounding to ``x.dtype``
 at the end (float64 inputs are computed in float64).

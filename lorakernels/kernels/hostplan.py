@@ -244,6 +244,7 @@ def plan_groups(
     half: bool,
     store: torch.dtype,
     unmerged_prec: str = "fp32",
+    rows_per_item: int = 1,
 ) -> GroupPlan:
     """Decide per group and produce the merged groups' weights.
 
@@ -252,7 +253,8 @@ def plan_groups(
     stores them in the same dtype). ``cost_prec``/``half``: passed to
     :func:`lorakernels.plan.decide` (the GEMM precision priced, and whether unmerged rows
     pay an upcast); ``unmerged_prec``: the unmerged rows' base GEMM precision. ``st``:
-    :func:`layer_state` (validated this call).
+    :func:`layer_state` (validated this call). ``rows_per_item``: GEMM rows per item of
+    ``row_ptr`` (a convolution's output pixels per image; 1 for linear layers).
 
     Groups that ran unmerged add their modelled gain to their credit; a weight that does not
     fit the cache is used this once and its key is charged ten builds (so it is rebuilt at
@@ -268,8 +270,11 @@ def plan_groups(
         return GroupPlan([False] * len(groups), none, keys, 0, 0, 0, n_un)
     cached = [g.rank > 0 and cache.has(kk) for g, kk in zip(groups, keys, strict=True)]
     credit = [cache.credit.get(kk, 0.0) for kk in keys]
+    priced = groups
+    if rows_per_item != 1:
+        priced = [_planner.Group(g.key, g.rows * rows_per_item, g.runs, g.rank) for g in groups]
     merged, gains = _planner.decide(
-        cal, groups, k, n, cost_prec, half, cached, credit, mode, unmerged_prec
+        cal, priced, k, n, cost_prec, half, cached, credit, mode, unmerged_prec
     )
     with cache.lock:
         for kk, gain, mg in zip(keys, gains, merged, strict=True):

@@ -51,8 +51,21 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRA
     return out.to(x.dtype)
 
 
-def multi_lora_conv2d(x: Tensor, base: Tensor, lora: LoRAArgs, conv: ConvMeta) -> Tensor:
-    """``[N_img, C_in, H, W] -> base + LoRA terms``; see :mod:`lorakernels.kernels`."""
+def multi_lora_conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora: LoRAArgs, conv: ConvMeta
+) -> Tensor:
+    """``[N_img, C_in, H, W] -> conv2d(x, weight, bias) + LoRA terms``, all in the compute
+    dtype, rounded once; see :mod:`lorakernels.kernels`."""
+    ct = compute_dtype(x.dtype)
+    b = None if bias is None else bias.to(ct)
+    base = F.conv2d(x.to(ct), weight.to(ct), b, conv.stride, conv.padding, conv.dilation)
+    return add_conv_lora(x, base, lora, conv)
+
+
+def add_conv_lora(x: Tensor, base: Tensor, lora: LoRAArgs, conv: ConvMeta) -> Tensor:
+    """``base + LoRA terms`` rounded once to ``x.dtype``: the LoRA half of
+    :func:`multi_lora_conv2d` on a base ``conv2d`` output computed elsewhere (``ops`` runs
+    the base in ``x.dtype`` for backends without convolutions of their own)."""
     bank, batch = lora.bank, lora.batch
     ct = compute_dtype(x.dtype)
     xc = x.to(ct)
