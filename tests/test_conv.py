@@ -204,6 +204,21 @@ def test_pointwise_pads_only_even_ranks(mixes):
     assert (padded is not None) == (mixes is EVEN)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_merged_weights_follow_in_place_weight_edits(fmt):
+    """The merged cache is stamped with the conv parameter itself (a channels-last weight is
+    copied to ``[C_out, K]`` per call; the copy's stamp could repeat)."""
+    p = ConvProblem(torch.float32, seed=8, mixes=EVEN)
+    p.weight = p.weight.contiguous(memory_format=fmt)
+    p.check(p.run("cpu", "merged"))
+    with torch.no_grad():
+        p.weight.mul_(0.5)
+    p.oracle()
+    plan.reset_summary()
+    p.check(p.run("cpu", "merged"))
+    assert sum(v["built"] for v in plan.last_summary().values()) > 0
+
+
 def test_autograd_runs_unmerged_and_matches_reference():
     p = ConvProblem(torch.float32, seed=5, k=1, padding=0)
     x1 = p.x.clone().requires_grad_()

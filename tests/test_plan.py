@@ -10,6 +10,7 @@ from plain torch doing exactly that (``fuse_lora`` in the dtype).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -250,6 +251,33 @@ def test_decide_merges_long_narrow_groups_only_after_reuse():
     assert flags == [False] * 8
 
 
+def test_run_overhead_is_measured_per_shape(monkeypatch):
+    """A measured calibration prices each merged run by a per-shape measurement (never below
+    the model); a hand-set one uses the model as given."""
+    cal = fake_calibration()
+    model = cal.call_s + 1e-9 * 640 * 640
+    assert plan.run_overhead(cal, 256, 640, 640) == pytest.approx(model)
+    calls = []
+    monkeypatch.setattr(plan, "_RUN_OVERHEAD", {})
+    monkeypatch.setattr(plan, "_measure_run_overhead", lambda *a: calls.append(a) or 0.5)
+    measured = dataclasses.replace(cal, measured_s=1.0)
+    assert plan.run_overhead(measured, 200, 640, 5120) == 0.5
+    assert plan.run_overhead(measured, 256, 640, 5120) == 0.5  # same power-of-two bucket
+    assert calls == [("fp32", 256, 640, 5120)]
+    # merged runs that cost 0.5 s each never pay, even with the weights cached
+    big = [plan.Group(((1, 1.0),), 8192, 2, 16), plan.Group(((3, 1.0),), 8192, 2, 16)]
+    args = (big, 640, 5120, "fp32", False, [True] * 2, [0.0] * 2, "auto")
+    assert plan.decide(cal, *args)[0] == [True, True]
+    assert plan.decide(measured, *args)[0] == [False, False]
+    monkeypatch.setattr(plan, "_measure_run_overhead", lambda *a: 0.0)  # below the model
+    monkeypatch.setattr(plan, "_RUN_OVERHEAD", {})
+    assert plan.run_overhead(measured, 256, 640, 640) == pytest.approx(model)
+
+
+def test_run_overhead_measurement_is_sane():
+    assert 0.0 <= plan._measure_run_overhead("fp32", 64, 64, 48) < 0.1
+
+
 def test_decide_overrides():
     cal = fake_calibration()
     groups = [plan.Group(((1, 0.5),), 10, 1, 4), plan.Group((), 10, 1, 0)]
@@ -482,8 +510,11 @@ def test_measure_gives_usable_constants():
     assert cal.row_block in (0, 256, 1024)
 
 
-def test_row_blocked_unmerged_path_matches_oracle():
+def test_row_blocked_unmerged_path_matches_oracle(monkeypatch):
     plan.set_calibration(fake_calibration(row_block=4))
+    blocked = []
+    real = cpu._blocked
+    monkeypatch.setattr(cpu, "_blocked", lambda *a: blocked.append(a[-1]) or real(*a))
     p = random_problem(
         samples=3, rows=[13, 9, 20], K=24, N=20, ranks=[4, 8], frac_empty=0.3, seed=9
     )
@@ -494,6 +525,12 @@ def test_row_blocked_unmerged_path_matches_oracle():
     oracle2 = peft_style_oracle(p2)
     y2 = run(p2, "unmerged")
     assert float((y2.double() - oracle2).abs().max()) <= tolerance(p2, oracle2)
+    assert blocked == [4, 4]
+    # wider outputs than the probe's (N = 320) or samples shorter than a block: one pass
+    plan.set_calibration(fake_calibration(row_block=8))
+    run(random_problem(samples=4, rows=16, K=24, N=400, ranks=[4], seed=2), "unmerged")
+    run(random_problem(samples=4, rows=6, K=24, N=20, ranks=[4], seed=2), "unmerged")
+    assert blocked == [4, 4]
 
 
 def test_full_cache_keeps_its_densest_weights():

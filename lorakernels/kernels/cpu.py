@@ -245,6 +245,19 @@ def _blocked(plan: _Plan, xc, w, b, lora_a, lora_bt, ct, block: int) -> Tensor:
     return y
 
 
+def _blocks_pay(plan: _Plan, n: int, block: int) -> bool:
+    """Row blocks only where the probe measured them (``plan.Calibration.row_block``, at
+    N = 320): an output block no wider than that, in samples at least a block long. Measured
+    on a 2-core EPYC, blocks of 1024 rows: 0.94-0.97x the one-pass form at N = 320, 1.04-1.12x
+    at N = 1280-5120 (y blocks past the caches) and 1.02x for 256-row samples (the base GEMM
+    split per sample)."""
+    if n > _PROBE_ROWS[3]:
+        return False
+    if plan.kind == "batched":
+        return plan.rows[1] - plan.rows[0] >= block
+    return plan.kind == "runs" and all(r1 - r0 >= block for r0, r1, _, _ in plan.runs)
+
+
 def _unmerged_native(plan: _Plan, x, w, b, lora_a, lora_bt, ct) -> Tensor:
     """The unmerged rows with the base GEMM native in ``x.dtype`` (bf16/fp16, ``w`` in that
     dtype): ``x @ w.T`` accumulated in float32 and rounded once to ``x.dtype`` by the GEMM,
@@ -261,7 +274,7 @@ def _unmerged(plan: _Plan, xc, w, b, lora_a, lora_bt, ct, block: int) -> Tensor:
     """``x @ w.T + b + LoRA term`` for the plan's rows, in ``ct``."""
     if plan.kind == "none":
         return torch.addmm(b, xc, w.T) if b is not None else xc @ w.T
-    if block and xc.shape[0] > 2 * block:
+    if block and xc.shape[0] > 2 * block and _blocks_pay(plan, w.shape[0], block):
         return _blocked(plan, xc, w, b, lora_a, lora_bt, ct, block)
     # LoRA term first, then the base GEMM accumulates onto it (beta=1): the GEMM reads y while
     # it is compute-bound, which hides the pass over y that a separate "y += t @ B" would cost
@@ -347,7 +360,7 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
     mode = "unmerged" if grad or ct == torch.float64 else _planner.resolve_plan()
     half = x.dtype in (torch.bfloat16, torch.float16)
     cal = None
-    if not grad and ((mode == "auto" and active) or half):
+    if not grad and (active or half):  # the plan, the precision and the row block
         cal = _planner.calibration()
     # the half-precision GEMMs run per run of a group's rows when adapters are active (the
     # crossover depends on rows: upcast wins at 8192 x 320 x 320, native at 65536)

@@ -180,7 +180,9 @@ def multi_lora_conv2d(
     # the GEMM rate that prices a conv in x.dtype (a CPU without native half GEMMs has no
     # measured half rate: price it as float32)
     cost = prec if cal is None or prec in cal.gemm_flops else "fp32"
-    st = hostplan.layer_state(h, w2, lora_a, lora_bt, tensors)
+    # stamped on the parameter itself: w2 is a copy for a channels-last weight, whose address
+    # and version 0 could repeat after an in-place edit of the parameter
+    st = hostplan.layer_state(h, weight, lora_a, lora_bt, tensors)
     gp = hostplan.plan_groups(
         h,
         w2,
