@@ -173,6 +173,21 @@ def _check_same(name: str, t: Tensor, x: Tensor, hint: str = "") -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}{hint}")
 
 
+def _check_params(x: Tensor, weight: Tensor, bias: Tensor | None, n: int, dim: str) -> None:
+    """``weight`` and ``bias`` (``[n]``, ``dim`` names that size) have ``x``'s dtype and device."""
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (n,):
+            raise ValueError(
+                f"bias must have shape [{dim}]=({n},), got {tuple(getattr(bias, 'shape', ()))}"
+            )
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+        _check_same("bias", bias, x)
+    _check_same("weight", weight, x)
+
+
 def _check_bank(bank: LoRABank, x: Tensor, k: int, n: int, what: str) -> BankTensors:
     if not isinstance(bank, LoRABank):
         raise TypeError(f"bank must be a LoRABank, got {type(bank).__name__}")
@@ -249,15 +264,7 @@ def _validate(
         )
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    if bias is not None:
-        if bias.shape != (n,):
-            raise ValueError(f"bias must have shape [N]=({n},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
-        _check_same("bias", bias, x)
-    _check_same("weight", weight, x)
+    _check_params(x, weight, bias, n, "N")
     bank_t = _check_bank(bank, x, k, n, "weight")
     _check_batch(batch, bank, bank_t, x, x.shape[0] if x.dim() > 2 else None)
     return bank_t
@@ -346,17 +353,7 @@ def _check_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[int, in
         )
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    _check_same("weight", weight, x)
-    if bias is not None:
-        if not isinstance(bias, Tensor) or bias.shape != (c_out,):
-            raise ValueError(
-                f"bias must have shape [C_out]=({c_out},), got {tuple(getattr(bias, 'shape', ()))}"
-            )
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
-        _check_same("bias", bias, x)
+    _check_params(x, weight, bias, c_out, "C_out")
     return c_out, c_in, kh, kw
 
 
@@ -412,10 +409,9 @@ def multi_lora_conv2d(
     _check_batch(batch, bank, bank_t, x, x.shape[0])
     name = resolve_backend(x.device, backend, x.dtype)
     conv = ConvMeta(c_in, kh, kw, stride, padding, dilation)
-    pointwise = (kh, kw) == (1, 1) and stride == (1, 1) and padding in ((0, 0), "valid", "same")
     compiling = torch.compiler.is_compiling()
     impl = None if compiling else getattr(backend_module(name), "multi_lora_conv2d", None)
-    if pointwise and impl is None:
+    if conv.pointwise and impl is None:
         # the linear custom op: also what torch.compile traces without graph breaks (the cpu
         # conv plans on the host)
         return _pointwise_as_linear(x, weight, bias, bank, batch, name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_plan import SPLITS, fake_calibration, split_decide
 
 import lorakernels as lk
 from lorakernels import plan
@@ -32,16 +33,7 @@ NAMES = {"a": 1, "b": 4, "c": 6, "d": 9}
 @pytest.fixture(autouse=True)
 def fresh_planner(monkeypatch):
     monkeypatch.delenv("LORAKERNELS_PLAN", raising=False)
-    plan.set_calibration(
-        plan.Calibration(
-            key=plan.calibration_key(),
-            gemm_flops={"fp32": 1e11},
-            thin_flops=2e10,
-            bandwidth=1e10,
-            call_s=5e-6,
-            pack_s={"fp32": 1e-9},
-        )
-    )
+    plan.set_calibration(fake_calibration())
     plan.CACHE.clear()
     plan.reset_summary()
     yield
@@ -165,13 +157,8 @@ def test_conv_matches_merged_oracle(dtype, geom, mode, mixes):
 @pytest.mark.parametrize("mixes", [MIXES, EVEN], ids=["uneven", "even"])
 def test_any_split_of_groups_matches_oracle(dtype, geom, mixes, monkeypatch):
     p = ConvProblem(dtype, seed=7, per=1, mixes=mixes, **geom)
-    for pattern in (0b0101, 0b1010, 0b0001, 0b1110):
-
-        def decide(cal, groups, *args, pattern=pattern):
-            flags = [g.rank > 0 and bool(pattern >> (i % 4) & 1) for i, g in enumerate(groups)]
-            return flags, [0.0] * len(groups)
-
-        monkeypatch.setattr(plan, "decide", decide)
+    for pattern in SPLITS:
+        monkeypatch.setattr(plan, "decide", split_decide(pattern))
         plan.reset_summary()
         p.check(p.run("cpu", "auto"))
         s = plan.last_summary()[f"{C_IN * geom['k'] ** 2}x{C_OUT}"]

@@ -60,6 +60,20 @@ def run(p, mode=None, x=None, batch=None):
     )
 
 
+SPLITS = (0b0101, 0b1010, 0b0001, 0b1110)  # which of every 4 groups merge
+
+
+def split_decide(pattern: int):
+    """A stand-in for :func:`plan.decide` that merges the groups ``pattern`` names (bit
+    ``i % 4`` for group ``i``), whatever the costs: every split of merged and unmerged."""
+
+    def decide(cal, groups, *args):
+        flags = [g.rank > 0 and bool(pattern >> (i % 4) & 1) for i, g in enumerate(groups)]
+        return flags, [0.0] * len(groups)
+
+    return decide
+
+
 def merged_groups() -> int:
     return sum(v["merged_groups"] for v in plan.last_summary().values())
 
@@ -199,13 +213,8 @@ def test_mixed_merged_and_unmerged_groups(dtype, monkeypatch):
     oracle = peft_style_oracle(p)
     tol = tolerance(p, oracle)
     real = plan.decide
-    for pattern in (0b0101, 0b1010, 0b0001, 0b1110):
-
-        def decide(cal, groups, *args, pattern=pattern):
-            flags = [g.rank > 0 and bool(pattern >> (i % 4) & 1) for i, g in enumerate(groups)]
-            return flags, [0.0] * len(groups)
-
-        monkeypatch.setattr(plan, "decide", decide)
+    for pattern in SPLITS:
+        monkeypatch.setattr(plan, "decide", split_decide(pattern))
         plan.reset_summary()
         y = run(p, "auto")
         assert float((y.double() - oracle).abs().max()) <= tol, bin(pattern)

@@ -123,6 +123,15 @@ class ConvMeta(NamedTuple):
     padding: tuple[int, int] | str
     dilation: tuple[int, int]
 
+    @property
+    def pointwise(self) -> bool:
+        """1x1, stride 1, no padding: a GEMM per image over its pixels (dilation is moot)."""
+        return (
+            self.kh == self.kw == 1
+            and self.stride == (1, 1)
+            and self.padding in ((0, 0), "valid", "same")
+        )
+
 
 @dataclass(frozen=True)
 class LaunchMeta:

@@ -77,8 +77,7 @@ from .cpu_conv import multi_lora_conv2d
 __all__ = ["multi_lora_conv2d", "multi_lora_linear", "unavailable_reason"]
 
 _MAX_PAD_WASTE = 1.5
-_DTYPE_NAME = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16"}
-_DTYPE_NAME[torch.float16] = "fp16"
+_DTYPE_NAME = hostplan.DTYPE_NAME
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -294,16 +293,11 @@ def _subplan(h: hostplan.Host, samples: tuple[int, ...] | None, ct, device):
         if samples is None:
             sp = (_build_plan(h.rows, h.per_sample, ct, device), None)
         else:
-            spans, rows = [], [0]
+            rows = [0]
             for s in samples:
-                r0, r1 = h.rows[s], h.rows[s + 1]
-                if spans and spans[-1][1] == r0:
-                    spans[-1] = (spans[-1][0], r1)
-                else:
-                    spans.append((r0, r1))
-                rows.append(rows[-1] + r1 - r0)
+                rows.append(rows[-1] + h.rows[s + 1] - h.rows[s])
             per = [h.per_sample[s] for s in samples]
-            sp = (_build_plan(tuple(rows), per, ct, device), spans)
+            sp = (_build_plan(tuple(rows), per, ct, device), hostplan.sample_spans(h, samples))
         h.derived[dkey] = sp
     return sp
 
@@ -353,11 +347,7 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
     n = weight.shape[0]
     groups = h.groups
     active = any(g.rank for g in groups)
-    grad = (
-        torch.is_grad_enabled()
-        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    ) or hostplan.in_backward()
-    mode = "unmerged" if grad or ct == torch.float64 else _planner.resolve_plan()
+    mode, grad = hostplan.eager_mode(x, weight, bias, ct)
     half = x.dtype in (torch.bfloat16, torch.float16)
     cal = None
     if not grad and (active or half):  # the plan, the precision and the row block
@@ -435,17 +425,11 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         # unmerged groups: their rows gathered (a view when contiguous) through the core in ct,
         # rounded once when written into y
         sp, spans = _subplan(h, tuple(sorted(rest)), ct, x.device)
-        if len(spans) == 1:
-            xs = x[spans[0][0] : spans[0][1]]
-        else:
-            xs = torch.cat([x[r0:r1] for r0, r1 in spans])
+        xs = hostplan.gather_rows(x, spans)
         if native_un:
             ys = _unmerged_native(sp, xs, weight, b32, lora_a, lora_bt, ct)
         else:
             ys = _unmerged(sp, xs.to(ct), w32, b32, lora_a, lora_bt, ct, block)
-        pos = 0
-        for r0, r1 in spans:
-            y[r0:r1] = ys[pos : pos + r1 - r0]
-            pos += r1 - r0
+        hostplan.scatter_rows(y, ys, spans)
     _planner.record(k, n, prec, gp.n_merged, gp.n_unmerged, gp.built, gp.hits)
     return y if y.dtype == x.dtype else y.to(x.dtype)

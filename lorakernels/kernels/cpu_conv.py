@@ -46,16 +46,6 @@ from .. import plan as _planner
 from . import ConvMeta, LoRAArgs, compute_dtype, hostplan
 
 _MAX_PAD_WASTE = 1.5  # pad every image to R_max only while that is < 1.5x the real work
-_DTYPE_NAME = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16"}
-_DTYPE_NAME[torch.float16] = "fp16"
-
-
-def _pointwise(conv: ConvMeta) -> bool:
-    return (
-        conv.kh == conv.kw == 1
-        and conv.stride == (1, 1)
-        and conv.padding in ((0, 0), "valid", "same")
-    )
 
 
 def _out_pixels(x: Tensor, conv: ConvMeta) -> int:
@@ -127,7 +117,7 @@ def _add_lora(out: Tensor, x: Tensor, h, images, lora_a, lora_bt, conv: ConvMeta
     runs = _runs(h, images, ct, x.device)
     if not runs:
         return
-    if _pointwise(conv) and x.is_contiguous() and out.is_contiguous():
+    if conv.pointwise and x.is_contiguous() and out.is_contiguous():
         rows = _pointwise_rows(h, images, runs, lora_a, lora_bt, ct)
         if rows is not None:
             i0, i1, a, b = rows
@@ -165,14 +155,10 @@ def multi_lora_conv2d(
     groups = h.groups
     if not any(g.rank for g in groups):
         return F.conv2d(x, weight, bias, *geom)
-    grad = (
-        torch.is_grad_enabled()
-        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    ) or hostplan.in_backward()
-    mode = "unmerged" if grad or ct == torch.float64 else _planner.resolve_plan()
+    mode, _ = hostplan.eager_mode(x, weight, bias, ct)
     w2 = weight.reshape(weight.shape[0], -1)  # [C_out, K]: the merged cache's view
     n, k = w2.shape
-    prec = _DTYPE_NAME[x.dtype]
+    prec = hostplan.DTYPE_NAME[x.dtype]
     if mode == "unmerged":
         _planner.record(k, n, prec, 0, sum(1 for g in groups if g.rank), 0, 0)
         return _unmerged(x, weight, bias, h, None, lora_a, lora_bt, conv, ct).to(x.dtype)
@@ -222,19 +208,10 @@ def multi_lora_conv2d(
         return _unmerged(x, weight, bias, h, None, lora_a, lora_bt, conv, ct).to(x.dtype)
     if rest:
         samples = tuple(sorted(rest))
-        spans: list[list[int]] = []
-        for s in samples:
-            r0, r1 = h.rows[s], h.rows[s + 1]
-            if spans and spans[-1][1] == r0:
-                spans[-1][1] = r1
-            elif r1 > r0:
-                spans.append([r0, r1])
-        xs = torch.cat([x[r0:r1] for r0, r1 in spans]) if len(spans) > 1 else x[slice(*spans[0])]
+        spans = hostplan.sample_spans(h, samples)
+        xs = hostplan.gather_rows(x, spans)
         ys = _unmerged(xs, weight, bias, h, samples, lora_a, lora_bt, conv, ct)
-        pos = 0
-        for r0, r1 in spans:
-            y[r0:r1] = ys[pos : pos + r1 - r0]
-            pos += r1 - r0
+        hostplan.scatter_rows(y, ys, spans)
     _planner.record(k, n, prec, gp.n_merged, gp.n_unmerged, gp.built, gp.hits)
     return y
 

@@ -37,7 +37,20 @@ from torch import Tensor
 
 from .. import plan as _planner
 
-__all__ = ["GroupPlan", "Host", "host", "layer_state", "merge", "plan_groups", "slot_fp"]
+__all__ = [
+    "DTYPE_NAME",
+    "GroupPlan",
+    "Host",
+    "eager_mode",
+    "gather_rows",
+    "host",
+    "layer_state",
+    "merge",
+    "plan_groups",
+    "sample_spans",
+    "scatter_rows",
+    "slot_fp",
+]
 
 
 class Host:
@@ -305,6 +318,55 @@ def plan_groups(
     n_unmerged = sum(1 for g, mg in zip(groups, merged, strict=True) if not mg and g.rank)
     n_merged = sum(1 for g, mg in zip(groups, merged, strict=True) if mg and g.rank)
     return GroupPlan(merged, weights, keys, built, hits, n_merged, n_unmerged)
+
+
+def sample_spans(h: Host, samples: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Rows of ``samples`` (sorted) as maximal contiguous ``(row0, row1)`` spans, cached on
+    the host plan: what a backend gathers to run a subset of samples together."""
+    key = ("spans", samples)
+    got = h.derived.get(key)
+    if got is None:
+        spans: list[list[int]] = []
+        for s in samples:
+            r0, r1 = h.rows[s], h.rows[s + 1]
+            if spans and spans[-1][1] == r0:
+                spans[-1][1] = r1
+            elif r1 > r0:
+                spans.append([r0, r1])
+        got = h.derived[key] = tuple((r0, r1) for r0, r1 in spans)
+    return got
+
+
+def gather_rows(x: Tensor, spans) -> Tensor:
+    """``x``'s rows (first dimension) of ``spans``, concatenated; a view for one span."""
+    return (
+        x[spans[0][0] : spans[0][1]] if len(spans) == 1 else torch.cat([x[a:b] for a, b in spans])
+    )
+
+
+def scatter_rows(y: Tensor, ys: Tensor, spans) -> None:
+    """Write ``ys`` (the rows :func:`gather_rows` took) back into ``y``'s ``spans``."""
+    pos = 0
+    for r0, r1 in spans:
+        y[r0:r1] = ys[pos : pos + r1 - r0]
+        pos += r1 - r0
+
+
+DTYPE_NAME = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16"}
+DTYPE_NAME[torch.float16] = "fp16"
+
+
+def eager_mode(x: Tensor, weight: Tensor, bias: Tensor | None, ct: torch.dtype) -> tuple[str, bool]:
+    """``(plan mode, grad)`` of an eager cpu call: ``"unmerged"`` when autograd records the
+    call (a cached merged weight is not connected to ``W``), inside a backward pass, and for
+    float64 (the oracle's dtype); else the plan in force (:func:`lorakernels.plan.resolve_plan`)."""
+    grad = (
+        torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    ) or in_backward()
+    if grad or ct == torch.float64:
+        return "unmerged", grad
+    return _planner.resolve_plan(), grad
 
 
 def in_backward() -> bool:
