@@ -187,6 +187,10 @@ class Calibration:
         row_block: rows per block of the unmerged cpu path (0: one pass, no blocking).
         pack_s: seconds per weight element every GEMM call pays, per precision (packing or
             reordering the weight, reading it from memory).
+        onednn_speedup: per precision, torch's GEMM time over oneDNN's with a prepacked
+            weight (:func:`lorakernels.kernels.cpu_gemm.speedup`; empty: not measured, 0:
+            unavailable). ``gemm_flops``, ``pack_s`` and the run overheads are measured with
+            the GEMM this selects (:func:`gemm_impl`).
     """
 
     key: str
@@ -197,10 +201,24 @@ class Calibration:
     row_block: int = 0
     measured_s: float = 0.0
     pack_s: dict[str, float] = field(default_factory=dict)
+    onednn_speedup: dict[str, float] = field(default_factory=dict)
+
+
+def gemm_impl(cal: Calibration, prec: str) -> str:
+    """The cpu backend's GEMM in precision ``prec``: ``"onednn"`` (prepacked weight) or
+    ``"torch"``, by ``LORAKERNELS_CPU_GEMM`` or the measured speed-up (kernels/cpu_gemm.py)."""
+    from .kernels import cpu_gemm
+
+    return cpu_gemm.choice(cal.onednn_speedup, prec)
 
 
 def calibration_key() -> str:
-    return f"{cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    from .kernels import cpu_gemm
+
+    # v2: the GEMM implementation became part of what is measured (older entries lack it)
+    key = f"{cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}|v2"
+    impl = cpu_gemm.requested()
+    return key if impl == "auto" else f"{key}|gemm {impl}"
 
 
 def _best_time(fn, reps: int = 5) -> float:
@@ -224,6 +242,8 @@ def measure(row_block_probe=None) -> Calibration:
     ``row_block_probe(block) -> seconds`` (supplied by the cpu backend) times the unmerged
     path at a reference shape with that row block (0 = unblocked); the fastest is kept.
     """
+    from .kernels import cpu_gemm
+
     t_start = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     # GEMM time = call + pack * K * N + 2 m K N / rate, fitted from two row counts: the
@@ -237,14 +257,25 @@ def measure(row_block_probe=None) -> Calibration:
     w = torch.randn(n, k, generator=gen) / math.sqrt(k)
     xs0, ws0 = torch.randn(4, 16, generator=gen), torch.randn(16, 16, generator=gen)
     call0 = _best_time(lambda: F.linear(xs0, ws0), reps=11)
-    gemm, pack = {}, {}
+    gemm, pack, speedups = {}, {}, {}
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         if dt != torch.float32 and not native_half(dt):
             continue
-        xh, wh = x.to(dt), w.to(dt)
-        t1 = _best_time(lambda xh=xh, wh=wh: F.linear(xh[:m1], wh), reps=5)
-        t2 = _best_time(lambda xh=xh, wh=wh: F.linear(xh, wh), reps=3)
         name = _DTYPE_NAMES[dt]
+        speedups[name] = cpu_gemm.speedup(dt, lambda fn, reps: _best_time(fn, reps=reps))
+        xh, wh = x.to(dt), w.to(dt)
+        if cpu_gemm.choice(speedups, name) == "onednn":
+            pw = cpu_gemm.pack(wh)
+
+            def fit(m: int, xh=xh, pw=pw) -> None:
+                cpu_gemm.linear(xh[:m], pw, None)
+        else:
+
+            def fit(m: int, xh=xh, wh=wh) -> None:
+                F.linear(xh[:m], wh)
+
+        t1 = _best_time(lambda fit=fit: fit(m1), reps=5)
+        t2 = _best_time(lambda fit=fit: fit(m2), reps=3)
         if t2 > t1 * 1.05:
             gemm[name] = 2.0 * (m2 - m1) * k * n / (t2 - t1)
             pack[name] = max(0.0, t1 - call0 - 2.0 * m1 * k * n / gemm[name]) / (k * n)
@@ -276,7 +307,15 @@ def measure(row_block_probe=None) -> Calibration:
         if block and times[block] > 0.95 * times[0]:
             block = 0  # blocking must win clearly: the probe is one shape
     return Calibration(
-        calibration_key(), gemm, thin, bw, call, block, time.perf_counter() - t_start, pack
+        calibration_key(),
+        gemm,
+        thin,
+        bw,
+        call,
+        block,
+        time.perf_counter() - t_start,
+        pack,
+        speedups,
     )
 
 
@@ -381,9 +420,10 @@ def run_overhead(cal: Calibration, m: int, k: int, n: int, prec: str = "fp32") -
         return model
     rows = 1 << max(0, m - 1).bit_length()
     key = (prec, rows, k, n, torch.get_num_threads())
-    hit = _RUN_OVERHEAD.get(key)
+    hit = _RUN_OVERHEAD.get(key + (gemm_impl(cal, prec),))
     if hit is None:
-        hit = _RUN_OVERHEAD[key] = _measure_run_overhead(prec, rows, k, n)
+        impl = gemm_impl(cal, prec)
+        hit = _RUN_OVERHEAD[key + (impl,)] = _measure_run_overhead(prec, rows, k, n, impl)
     return max(model, hit)
 
 
@@ -391,10 +431,12 @@ _RUN_OVERHEAD: dict[tuple, float] = {}
 _NAME_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _measure_run_overhead(prec: str, m: int, k: int, n: int) -> float:
+def _measure_run_overhead(prec: str, m: int, k: int, n: int, impl: str = "torch") -> float:
     """``(time of R GEMMs of m rows - time of one GEMM of R·m rows) / R`` at this shape, the
     rows written into slices of one output as the cpu backend does (R <= 8, R·m <= 8192 so
-    the largest SD layer costs ~0.5 s once)."""
+    the largest SD layer costs ~0.5 s once), with the cpu backend's GEMM ``impl``."""
+    from .kernels import cpu_gemm
+
     reps_r = max(2, min(8, 8192 // m))
     gen = torch.Generator().manual_seed(0)
     dt = _NAME_DTYPES.get(prec, torch.float32)
@@ -403,11 +445,25 @@ def _measure_run_overhead(prec: str, m: int, k: int, n: int) -> float:
     y = torch.empty(reps_r * m, n, dtype=dt)
     reps = 3 if reps_r * m * k * n < 2**32 else 2
 
-    def runs() -> None:
-        for i in range(0, reps_r * m, m):
-            torch.mm(x[i : i + m], w.T, out=y[i : i + m])
+    if impl == "onednn":
+        pw = cpu_gemm.pack(w)
 
-    one = _best_time(lambda: torch.mm(x, w.T, out=y), reps=reps)
+        def runs() -> None:
+            for i in range(0, reps_r * m, m):
+                y[i : i + m].copy_(cpu_gemm.linear(x[i : i + m], pw, None))
+
+        def whole() -> None:
+            cpu_gemm.linear(x, pw, None)
+    else:
+
+        def runs() -> None:
+            for i in range(0, reps_r * m, m):
+                torch.mm(x[i : i + m], w.T, out=y[i : i + m])
+
+        def whole() -> None:
+            torch.mm(x, w.T, out=y)
+
+    one = _best_time(whole, reps=reps)
     return max(0.0, (_best_time(runs, reps=reps) - one) / reps_r)
 
 
@@ -805,7 +861,16 @@ CACHE = MergedCache(_default_budget())
 _summary: dict[str, dict] = {}
 
 
-def record(k: int, n: int, prec: str, merged: int, unmerged: int, built: int, hits: int) -> None:
+def record(
+    k: int,
+    n: int,
+    prec: str,
+    merged: int,
+    unmerged: int,
+    built: int,
+    hits: int,
+    gemm: str = "torch",
+) -> None:
     s = _summary.setdefault(
         f"{k}x{n}",
         {"calls": 0, "merged_groups": 0, "unmerged_groups": 0, "built": 0, "hits": 0},
@@ -816,12 +881,14 @@ def record(k: int, n: int, prec: str, merged: int, unmerged: int, built: int, hi
     s["built"] += built
     s["hits"] += hits
     s["precision"] = prec
+    s["gemm"] = gemm
     s["last"] = f"{merged} merged / {unmerged} unmerged"
 
 
 def last_summary() -> dict[str, dict]:
     """Per layer type ``"KxN"``: calls, merged/unmerged groups run, merged weights built,
-    cache hits, the base GEMM precision and the last call's split, since :func:`reset_summary`.
+    cache hits, the base GEMM precision, the CPU GEMM (``"torch"`` or ``"onednn"``, see
+    kernels/cpu_gemm.py) and the last call's split, since :func:`reset_summary`.
     """
     return {k: dict(v) for k, v in _summary.items()}
 

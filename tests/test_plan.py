@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import lorakernels as lk
 from lorakernels import plan
-from lorakernels.kernels import cpu
+from lorakernels.kernels import cpu, cpu_gemm
 from lorakernels.testing import peft_style_oracle, random_problem, rounding_tolerance, tolerance
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -272,7 +272,7 @@ def test_run_overhead_is_measured_per_shape(monkeypatch):
     measured = dataclasses.replace(cal, measured_s=1.0)
     assert plan.run_overhead(measured, 200, 640, 5120) == 0.5
     assert plan.run_overhead(measured, 256, 640, 5120) == 0.5  # same power-of-two bucket
-    assert calls == [("fp32", 256, 640, 5120)]
+    assert calls == [("fp32", 256, 640, 5120, "torch")]  # with the cpu backend's GEMM
     # merged runs that cost 0.5 s each never pay, even with the weights cached
     big = [plan.Group(((1, 1.0),), 8192, 2, 16), plan.Group(((3, 1.0),), 8192, 2, 16)]
     args = (big, 640, 5120, "fp32", False, [True] * 2, [0.0] * 2, "auto")
@@ -283,8 +283,11 @@ def test_run_overhead_is_measured_per_shape(monkeypatch):
     assert plan.run_overhead(measured, 256, 640, 640) == pytest.approx(model)
 
 
-def test_run_overhead_measurement_is_sane():
-    assert 0.0 <= plan._measure_run_overhead("fp32", 64, 64, 48) < 0.1
+@pytest.mark.parametrize("impl", ["torch", "onednn"])
+def test_run_overhead_measurement_is_sane(impl):
+    if impl == "onednn" and not cpu_gemm.available():
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    assert 0.0 <= plan._measure_run_overhead("fp32", 64, 64, 48, impl) < 0.1
 
 
 def test_decide_overrides():

@@ -8,6 +8,9 @@ forward pass of the layer.
 * ``base``: ``F.linear(x, W, b)`` in the case's dtype, no LoRA: the floor.
 * ``base32``: (half dtypes only) the same GEMM upcast to float32 and rounded once, the way the
   cpu backend computes; the floor our CPU path can reach on a CPU without native bf16 GEMMs.
+* ``onednn``: (CPU) the base layer through oneDNN with its weight prepacked once, the GEMM
+  the cpu backend runs where it measured faster than torch's (kernels/cpu_gemm.py): how much
+  of ``ours/base`` is the GEMM's choice, not the LoRA (``ours/onednn`` is the LoRA's cost).
 * ``ours`` / ``ours:<backend>``: :func:`lorakernels.multi_lora_linear` with automatic backend
   selection, or one explicit backend; ``ours@merged`` / ``ours@unmerged`` (also
   ``ours:<backend>@<plan>``) force the planner's choice (:mod:`lorakernels.plan`). The bank
@@ -131,6 +134,27 @@ class Base32(Provider):
         x, w, b, dt = case.x, case.weight, case.bias, case.x.dtype
         # the weight is converted per call, as the cpu backend does
         return lambda: F.linear(x.float(), w.float(), b.float()).to(dt)
+
+
+class OneDNN(Provider):
+    name = "onednn"
+
+    def unavailable(self, case: LayerCase) -> str | None:
+        from ..kernels import cpu_gemm
+
+        if case.device.type != "cpu":
+            return "a CPU GEMM"
+        if not cpu_gemm.available():
+            return "this torch build has no oneDNN prepacked linear"
+        return None
+
+    def prepare(self, case: LayerCase) -> Forward:
+        from ..kernels import cpu_gemm
+
+        x, b = case.x, case.bias
+        packed = cpu_gemm.pack(case.weight)
+        k = case.weight.shape[1]
+        return lambda: cpu_gemm.linear(x.reshape(-1, k), packed, b).view(*x.shape[:-1], -1)
 
 
 class Ours(Provider):
@@ -312,7 +336,7 @@ def layer_providers(
 ) -> list[Provider]:
     """The providers to run: base, ours (auto, plus every explicit backend that can run on
     ``device`` when ``all_backends``), the baselines; ``names`` filters (``ours:*`` allowed)."""
-    out: list[Provider] = [Base(), Base32(), Ours()]
+    out: list[Provider] = [Base(), Base32(), OneDNN(), Ours()]
     if all_backends:
         auto = resolve_backend(device)
         for b in BACKENDS:
@@ -339,7 +363,7 @@ def layer_providers(
     return out
 
 
-PROVIDER_NAMES = ("base", "base32", "ours", "merge", "fuse", "peft", "loop")
+PROVIDER_NAMES = ("base", "base32", "onednn", "ours", "merge", "fuse", "peft", "loop")
 
 
 def flop_ideal(K: int, N: int, summed_rank: float) -> float:

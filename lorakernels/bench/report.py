@@ -197,7 +197,10 @@ def layer_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
 
     ``wide=False``: the columns a first reader needs (see :func:`legend`)."""
     half = any(r["workload"]["dtype"] != "fp32" for r in records)
+    onednn = any(median(r, "onednn") is not None for r in records)
     head = ["layer (T,K,N)", "config", "dtype", "base ms", "ours/base", "ideal", "target"]
+    if onednn:
+        head += ["onednn/base", "ours/onednn"]
     if wide:
         if half:
             head += ["ours/base32", "target vs base32"]
@@ -215,6 +218,8 @@ def layer_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
             _fmt(w["ideal"]),
             _target(ob, w["ideal"] + _MARGIN),
         ]
+        if onednn:
+            row += [_fmt(ratio(rec, "onednn", "base")), _fmt(ratio(rec, "ours", "onednn"))]
         if wide:
             if half:
                 o32 = ratio(rec, "ours", "base32")
@@ -230,6 +235,7 @@ def layer_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
 
 def model_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], list[list[str]]]:
     head = ["UNet", "latent", "adapters", "base s", "ours/base", "ideal", "target"]
+    head += ["ours-empty/base", "ours/ours-empty"]
     if wide:
         head += [
             "grouped base/base",
@@ -253,6 +259,8 @@ def model_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
             _fmt(ob),
             _fmt(ideal, 3),
             _target(ob, None if ideal is None else _MODEL_MARGIN * ideal),
+            _fmt(ratio(rec, "ours_empty", "base")),
+            _fmt(ratio(rec, "ours", "ours_empty")),
         ]
         if wide:
             peaks = []
@@ -297,6 +305,11 @@ def legend(doc: dict, wide: bool = False) -> str:
             "ours/merge",
             "vs merged weights precomputed per mixture, one GEMM per group (merging's best case)",
         ),
+        (
+            "onednn/base",
+            "(CPU) the base layer through oneDNN with a prepacked weight, the GEMM ours runs "
+            "where it measured faster; ours/onednn: the LoRA's cost on that GEMM",
+        ),
     ]
     if wide:
         entries += [
@@ -317,6 +330,13 @@ def legend(doc: dict, wide: bool = False) -> str:
     )
     if has_model:
         entries.append(("ours/fused", "vs fuse_lora / unfuse_lora around each sub-batch"))
+        entries.append(
+            (
+                "ours-empty",
+                "the UNet with every patched layer through our op and no adapter: our GEMMs "
+                "without LoRA (ours/ours-empty: the LoRA's cost)",
+            )
+        )
     entries += [
         (
             "spread",

@@ -27,7 +27,7 @@ from .workloads import LayerCase, LayerWorkload, build_case
 # include; 4x covers it (measured: merge/fuse/peft/loop stay within 1.1x of plain torch's
 # error in bf16) while a missing adapter is ~20x the tolerance off in bf16 and ~1e5x in fp32.
 TOLERANCE_FACTOR = 4.0
-_FLOORS = ("base", "base32")
+_FLOORS = ("base", "base32", "onednn")
 
 
 @dataclass

@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 
 from .. import plan as _planner
-from . import LoRAArgs, compute_dtype, hostplan
+from . import LoRAArgs, compute_dtype, cpu_gemm, hostplan
 from .cpu_conv import multi_lora_conv2d
 
 __all__ = ["multi_lora_conv2d", "multi_lora_linear", "unavailable_reason"]
@@ -257,28 +257,35 @@ def _blocks_pay(plan: _Plan, n: int, block: int) -> bool:
     return plan.kind == "runs" and all(r1 - r0 >= block for r0, r1, _, _ in plan.runs)
 
 
-def _unmerged_native(plan: _Plan, x, w, b, lora_a, lora_bt, ct) -> Tensor:
+def _unmerged_native(plan: _Plan, x, w, b, lora_a, lora_bt, ct, pw=None) -> Tensor:
     """The unmerged rows with the base GEMM native in ``x.dtype`` (bf16/fp16, ``w`` in that
-    dtype): ``x @ w.T`` accumulated in float32 and rounded once to ``x.dtype`` by the GEMM,
-    added in float32 to ``bias + LoRA term`` (float32, rank intermediate never rounded).
-    Returns float32 ``[M, N]``; the caller's cast rounds a second time (module docstring)."""
-    base = x @ w.T
+    dtype; ``pw``: ``w`` packed for oneDNN, then used instead): ``x @ w.T`` accumulated in
+    float32 and rounded once to ``x.dtype`` by the GEMM, added in float32 to ``bias + LoRA
+    term`` (float32, rank intermediate never rounded). Returns float32 ``[M, N]``; the
+    caller's cast rounds a second time (module docstring)."""
+    base = x @ w.T if pw is None else cpu_gemm.linear(x, pw, None)
     if plan.kind == "none":
         return base.float() if b is None else torch.add(b, base)
     y = _lora_term(plan, x.to(ct), lora_a, lora_bt, ct, b)
     return y.add_(base)
 
 
-def _unmerged(plan: _Plan, xc, w, b, lora_a, lora_bt, ct, block: int) -> Tensor:
-    """``x @ w.T + b + LoRA term`` for the plan's rows, in ``ct``."""
+def _unmerged(plan: _Plan, xc, w, b, lora_a, lora_bt, ct, block: int, pw=None) -> Tensor:
+    """``x @ w.T + b + LoRA term`` for the plan's rows, in ``ct``. ``pw``: ``w`` packed for
+    oneDNN (kernels/cpu_gemm.py), then the base GEMM runs there and rows are not blocked (the
+    row-block probe timed torch's GEMM)."""
     if plan.kind == "none":
+        if pw is not None:
+            return cpu_gemm.linear(xc, pw, b)
         return torch.addmm(b, xc, w.T) if b is not None else xc @ w.T
-    if block and xc.shape[0] > 2 * block and _blocks_pay(plan, w.shape[0], block):
+    if pw is None and block and xc.shape[0] > 2 * block and _blocks_pay(plan, w.shape[0], block):
         return _blocked(plan, xc, w, b, lora_a, lora_bt, ct, block)
-    # LoRA term first, then the base GEMM accumulates onto it (beta=1): the GEMM reads y while
-    # it is compute-bound, which hides the pass over y that a separate "y += t @ B" would cost
-    # (measured 1.13 vs 1.21 x base at (4096, 320, 320), 1 thread)
+    # LoRA term first, then the base GEMM accumulates onto it (beta=1, or oneDNN's "add"
+    # epilogue): the GEMM reads y while it is compute-bound, which hides the pass over y that
+    # a separate "y += t @ B" would cost (measured 1.13 vs 1.21 x base at (4096, 320, 320))
     y = _lora_term(plan, xc, lora_a, lora_bt, ct, b)
+    if pw is not None:
+        return cpu_gemm.linear_add(xc, pw, y)
     y.addmm_(xc, w.T)
     return y
 
@@ -303,11 +310,31 @@ def _subplan(h: hostplan.Host, samples: tuple[int, ...] | None, ct, device):
 
 
 # ---------------------------------------------------------------------- merged weights
-def _gemm_into(y: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> None:
-    if b is not None:
+def _gemm_into(y: Tensor, x: Tensor, w: Tensor, b: Tensor | None, onednn: bool) -> None:
+    """``y = x @ W.T + b``; ``w`` is ``W``, or ``W`` packed when ``onednn`` (whose op has no
+    ``out=``: one copy of the run's output, ~1 % of its GEMM at SD1.5's 320-wide layers)."""
+    if onednn:
+        y.copy_(cpu_gemm.linear(x, w, b))
+    elif b is not None:
         torch.addmm(b, x, w.T, out=y)
     else:
         torch.mm(x, w.T, out=y)
+
+
+def _packed_weight(st, lora_a: Tensor, weight: Tensor, dtype, cal, prec: str, m: int) -> Tensor:
+    """The layer's ``W`` in ``dtype`` packed for oneDNN, kept in the merged-weight cache with
+    the layer's entries (dropped with them when ``W`` changes) and ranked there by what it
+    saves per call and byte (``m`` rows a call at the measured speed-up)."""
+    cache = _planner.CACHE
+    key = (id(lora_a), (), "W-onednn", dtype)
+    pw = cache.get(key)
+    if pw is None:
+        pw = cpu_gemm.pack(weight.to(dtype))
+        k, n = weight.shape[1], weight.shape[0]
+        t = 2.0 * m * k * n / cal.gemm_flops.get(prec, cal.gemm_flops["fp32"])
+        gain = t * max(cal.onednn_speedup.get(prec, 1.0) - 1.0, 0.0)
+        cache.put(st, key, pw, {}, gain / (k * n * pw.element_size()))
+    return pw
 
 
 _PROBE_ROWS = (4, 1024, 320, 320, 16)  # samples, rows each, K, N, rank
@@ -350,7 +377,7 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
     mode, grad = hostplan.eager_mode(x, weight, bias, ct)
     half = x.dtype in (torch.bfloat16, torch.float16)
     cal = None
-    if not grad and (active or half):  # the plan, the precision and the row block
+    if not grad and ct != torch.float64:  # the plan, the precision, the GEMM, the row block
         cal = _planner.calibration()
     # the half-precision GEMMs run per run of a group's rows when adapters are active (the
     # crossover depends on rows: upcast wins at 8192 x 320 x 320, native at 65536)
@@ -367,19 +394,25 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         and cal is not None
         and (native and m_gemm == m or _planner.choose_precision(cal, x.dtype, m, k, n) != "fp32")
     )
+    un_prec = _DTYPE_NAME[x.dtype] if native_un else "fp32"
+    # oneDNN with a prepacked weight where it measured faster than torch's GEMM (cpu_gemm.py)
+    onednn_mg = cal is not None and _planner.gemm_impl(cal, prec) == "onednn"
+    onednn_un = cal is not None and _planner.gemm_impl(cal, un_prec) == "onednn"
     mdt = x.dtype if native else ct  # merged GEMMs (and rows without adapters) run in mdt
     cache = _planner.CACHE
     st = None
-    if not grad and (half or (mode != "unmerged" and active)):
+    if not grad and (half or (mode != "unmerged" and active) or onednn_mg or onednn_un):
         st = hostplan.layer_state(h, weight, lora_a, lora_bt, tensors)
-    if not active and native:
+    if not active and native and not onednn_mg:
         return torch.nn.functional.linear(x, weight, bias)  # the base layer itself
     # unmerged rows and upcast merged GEMMs compute in ct: float32 copies of half weights are
-    # cached per layer, and not made where both run native (the copy would be 2x W's bytes)
+    # cached per layer, and not made where no torch GEMM in ct reads them (the copy would be
+    # 2x W's bytes)
     w32 = None
+    need32 = (not native_un and not onednn_un) or (not native and not onednn_mg)
     if weight.dtype == ct or st is None:
         w32 = weight.to(ct)
-    elif not (native and native_un):
+    elif need32:
         wkey = (id(lora_a), (), "W", ct)
         w32 = cache.get(wkey)
         if w32 is None:
@@ -394,24 +427,30 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         st,
         mode=mode if active else "unmerged",
         cal=cal,
-        tag=prec,
+        tag=prec + ("/onednn" if onednn_mg else ""),
         cost_prec=prec,
         half=half,
         store=mdt,
         unmerged_prec=_DTYPE_NAME[x.dtype] if native_un else "fp32",
+        pack=cpu_gemm.pack if onednn_mg else None,
     )
     block = cal.row_block if cal is not None else 0
-    if not gp.n_merged:
+    if not gp.n_merged and (active or not native):
         sp, _ = _subplan(h, None, ct, x.device)
+        un_dt = x.dtype if native_un else ct
+        pw = _packed_weight(st, lora_a, weight, un_dt, cal, un_prec, m) if onednn_un else None
         if native_un:
-            y = _unmerged_native(sp, x, weight, b32, lora_a, lora_bt, ct)
+            y = _unmerged_native(sp, x, weight, b32, lora_a, lora_bt, ct, pw)
         else:
-            y = _unmerged(sp, x.to(ct), w32, b32, lora_a, lora_bt, ct, block)
-        _planner.record(k, n, prec, 0, gp.n_unmerged, 0, 0)
+            y = _unmerged(sp, x.to(ct), w32, b32, lora_a, lora_bt, ct, block, pw)
+        _planner.record(k, n, prec, 0, gp.n_unmerged, 0, 0, "onednn" if onednn_un else "torch")
         return y.to(x.dtype)
     y = torch.empty(m, n, dtype=mdt, device=x.device)
     xg = x.to(mdt)
-    wbase = weight if weight.dtype == mdt else w32
+    if onednn_mg:
+        wbase = _packed_weight(st, lora_a, weight, mdt, cal, prec, m)
+    else:
+        wbase = weight if weight.dtype == mdt else w32
     bg = None if bias is None else bias.to(mdt)
     rest: list[int] = []
     for gi, (g, mg) in enumerate(zip(groups, gp.merged, strict=True)):
@@ -420,16 +459,20 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
             continue
         wg = wbase if g.rank == 0 else gp.weights[gi]
         for r0, r1 in h.group_runs[gi]:
-            _gemm_into(y[r0:r1], xg[r0:r1], wg, bg)
+            _gemm_into(y[r0:r1], xg[r0:r1], wg, bg, onednn_mg)
     if rest:
         # unmerged groups: their rows gathered (a view when contiguous) through the core in ct,
         # rounded once when written into y
         sp, spans = _subplan(h, tuple(sorted(rest)), ct, x.device)
         xs = hostplan.gather_rows(x, spans)
+        un_dt = x.dtype if native_un else ct
+        m_rest = xs.shape[0]
+        pw = _packed_weight(st, lora_a, weight, un_dt, cal, un_prec, m_rest) if onednn_un else None
         if native_un:
-            ys = _unmerged_native(sp, xs, weight, b32, lora_a, lora_bt, ct)
+            ys = _unmerged_native(sp, xs, weight, b32, lora_a, lora_bt, ct, pw)
         else:
-            ys = _unmerged(sp, xs.to(ct), w32, b32, lora_a, lora_bt, ct, block)
+            ys = _unmerged(sp, xs.to(ct), w32, b32, lora_a, lora_bt, ct, block, pw)
         hostplan.scatter_rows(y, ys, spans)
-    _planner.record(k, n, prec, gp.n_merged, gp.n_unmerged, gp.built, gp.hits)
+    gemm = "onednn" if onednn_mg else "torch"
+    _planner.record(k, n, prec, gp.n_merged, gp.n_unmerged, gp.built, gp.hits, gemm)
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -258,6 +258,7 @@ def plan_groups(
     store: torch.dtype,
     unmerged_prec: str = "fp32",
     rows_per_item: int = 1,
+    pack=None,
 ) -> GroupPlan:
     """Decide per group and produce the merged groups' weights.
 
@@ -267,7 +268,9 @@ def plan_groups(
     :func:`lorakernels.plan.decide` (the GEMM precision priced, and whether unmerged rows
     pay an upcast); ``unmerged_prec``: the unmerged rows' base GEMM precision. ``st``:
     :func:`layer_state` (validated this call). ``rows_per_item``: GEMM rows per item of
-    ``row_ptr`` (a convolution's output pixels per image; 1 for linear layers).
+    ``row_ptr`` (a convolution's output pixels per image; 1 for linear layers). ``pack``:
+    applied to a merged weight once, when built (the cpu backend's oneDNN layout, see
+    kernels/cpu_gemm.py); what is cached and returned is its result (``tag`` must say so).
 
     Groups that ran unmerged add their modelled gain to their credit; a weight that does not
     fit the cache is used this once and its key is charged ten builds (so it is rebuilt at
@@ -306,6 +309,8 @@ def plan_groups(
         wg = cache.get(key)
         if wg is None:
             wg = merge(weight, h.group_items[gi], h.scales, lora_a, lora_bt, store)
+            if pack is not None:
+                wg = pack(wg)
             fp = slot_fp(h, lora_a, lora_bt)
             density = gains[gi] / (wg.numel() * wg.element_size())
             if cache.put(st, key, wg, {s: fp(s) for s, _ in g.key}, density):
