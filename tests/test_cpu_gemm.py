@@ -26,10 +26,12 @@ def fresh_planner(monkeypatch):
     monkeypatch.delenv("LORAKERNELS_CPU_GEMM", raising=False)
     plan.set_calibration(fake_calibration())
     plan.CACHE.clear()
+    cpu_gemm.PACKED.clear()
     plan.reset_summary()
     yield
     plan.set_calibration(None)
     plan.CACHE.clear()
+    cpu_gemm.PACKED.clear()
 
 
 def run(p, mode=None):
@@ -164,16 +166,46 @@ def test_packed_weight_follows_in_place_edits(mode, monkeypatch):
 
 
 @needs_onednn
-def test_packed_weights_are_bounded_by_the_cache(monkeypatch):
+@pytest.mark.parametrize("mode", ["merged", "unmerged"])
+def test_a_packed_weight_that_does_not_fit_runs_torch_gemm(mode, monkeypatch):
+    """Over the budget a layer's W is never packed per call: torch's GEMM runs for it."""
     monkeypatch.setenv("LORAKERNELS_CPU_GEMM", "onednn")
     p = problem(seed=29)
-    small = plan.MergedCache(budget_bytes=p.weight.numel() * 4 - 1)  # not even one W fits
-    monkeypatch.setattr(plan, "CACHE", small)
+    small = cpu_gemm.PackedWeights(budget_bytes=p.weight.numel() * 4 - 1)  # W does not fit
+    monkeypatch.setattr(cpu_gemm, "PACKED", small)
     oracle = peft_style_oracle(p)
-    for _ in range(2):
-        y = run(p, "merged")
+    for _ in range(3):
+        y = run(p, mode)
         assert float((y.double() - oracle).abs().max()) <= tolerance(p, oracle)
-    assert small.bytes <= small.budget and len(small) == 0
+    assert small.bytes == 0 and len(small) == 0 and small.refused >= 3 and small.packs == 0
+
+
+@needs_onednn
+def test_packed_weight_is_built_once_and_dropped_with_its_layer(monkeypatch):
+    monkeypatch.setenv("LORAKERNELS_CPU_GEMM", "onednn")
+    store = cpu_gemm.PackedWeights(budget_bytes=2**30)
+    monkeypatch.setattr(cpu_gemm, "PACKED", store)
+    p = problem(seed=37)
+    for _ in range(3):
+        run(p, "unmerged")
+    assert store.packs == 1 and store.bytes == p.weight.numel() * 4
+    with torch.no_grad():
+        p.weight.add_(1.0)
+    run(p, "unmerged")
+    assert store.packs == 2 and len(store) == 1  # rebuilt in place of the stale one
+    del p
+    import gc
+
+    gc.collect()
+    assert len(store) == 0 and store.bytes == 0
+
+
+def test_packed_budget_from_environment(monkeypatch):
+    monkeypatch.setenv("LORAKERNELS_PACKED_MB", "lots")
+    with pytest.raises(ValueError, match="LORAKERNELS_PACKED_MB"):
+        cpu_gemm._packed_budget()
+    monkeypatch.setenv("LORAKERNELS_PACKED_MB", "1.5")
+    assert cpu_gemm._packed_budget() == int(1.5 * 2**20)
 
 
 @needs_onednn

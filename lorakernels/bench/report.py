@@ -235,7 +235,6 @@ def layer_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
 
 def model_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], list[list[str]]]:
     head = ["UNet", "latent", "adapters", "base s", "ours/base", "ideal", "target"]
-    head += ["ours-empty/base", "ours/ours-empty"]
     if wide:
         head += [
             "grouped base/base",
@@ -259,8 +258,6 @@ def model_rows(records: Sequence[dict], wide: bool = True) -> tuple[list[str], l
             _fmt(ob),
             _fmt(ideal, 3),
             _target(ob, None if ideal is None else _MODEL_MARGIN * ideal),
-            _fmt(ratio(rec, "ours_empty", "base")),
-            _fmt(ratio(rec, "ours", "ours_empty")),
         ]
         if wide:
             peaks = []
@@ -330,13 +327,6 @@ def legend(doc: dict, wide: bool = False) -> str:
     )
     if has_model:
         entries.append(("ours/fused", "vs fuse_lora / unfuse_lora around each sub-batch"))
-        entries.append(
-            (
-                "ours-empty",
-                "the UNet with every patched layer through our op and no adapter: our GEMMs "
-                "without LoRA (ours/ours-empty: the LoRA's cost)",
-            )
-        )
     entries += [
         (
             "spread",

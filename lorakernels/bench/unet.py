@@ -300,14 +300,6 @@ def unet_providers(case: UNetCase) -> dict[str, Callable[[], Tensor]]:
     def base_grouped() -> Tensor:
         return _grouped(ours, case, None, None)
 
-    empty = [{} for _ in case.mixtures]
-
-    def ours_empty() -> Tensor:
-        # every patched layer through our op with no adapter: the same GEMMs ours runs (oneDNN
-        # with prepacked weights where measured faster, kernels/cpu_gemm.py), no LoRA
-        with mlora.use(empty):
-            return ours(latents, t, ctx).sample
-
     def set_one(name: str) -> None:
         peft_unet.set_adapters([name], weights=[case.strengths[name]])
 
@@ -327,7 +319,6 @@ def unet_providers(case: UNetCase) -> dict[str, Callable[[], Tensor]]:
         "peft": peft,
         "fused": fused,
         "base_grouped": base_grouped,
-        "ours_empty": ours_empty,
     }
 
 
@@ -412,7 +403,6 @@ _REFS = {
     "peft": "peft",
     "base_grouped": "base",
     "base": "base",
-    "ours_empty": "base",
 }
 
 

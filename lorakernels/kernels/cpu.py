@@ -31,6 +31,13 @@ Why this shape (measured on our 2-core AVX-512 CPUs, 16 samples, 8 rank-16 adapt
   grouping, the decisions and the merged weights come from :mod:`.hostplan`, which the
   triton backend shares; this module keeps the unmerged core and the GEMMs.
 
+Which GEMM (:mod:`.cpu_gemm`): torch's, or oneDNN's with ``W`` (and every merged weight)
+reordered once into oneDNN's layout and cached, per precision where the calibration measured
+oneDNN at least 1.15x faster. On a 2-core AMD EPYC torch's float32 GEMM (MKL's sgemm) ran at
+~170 GFLOP/s and oneDNN's at ~410-480, so there every float32 GEMM of this backend goes to
+oneDNN (the unmerged rows' base GEMM with the LoRA term added in its epilogue); the thin
+LoRA GEMMs stay torch's (``bmm`` has no prepacked form). Row blocks apply to torch's GEMM only.
+
 Numerics: float32 compute for float32/float16/bfloat16 inputs, float64 for float64; the rank
 intermediate ``t`` is float32 (or float64); one rounding to ``x.dtype`` at the end.
 
@@ -321,22 +328,6 @@ def _gemm_into(y: Tensor, x: Tensor, w: Tensor, b: Tensor | None, onednn: bool) 
         torch.mm(x, w.T, out=y)
 
 
-def _packed_weight(st, lora_a: Tensor, weight: Tensor, dtype, cal, prec: str, m: int) -> Tensor:
-    """The layer's ``W`` in ``dtype`` packed for oneDNN, kept in the merged-weight cache with
-    the layer's entries (dropped with them when ``W`` changes) and ranked there by what it
-    saves per call and byte (``m`` rows a call at the measured speed-up)."""
-    cache = _planner.CACHE
-    key = (id(lora_a), (), "W-onednn", dtype)
-    pw = cache.get(key)
-    if pw is None:
-        pw = cpu_gemm.pack(weight.to(dtype))
-        k, n = weight.shape[1], weight.shape[0]
-        t = 2.0 * m * k * n / cal.gemm_flops.get(prec, cal.gemm_flops["fp32"])
-        gain = t * max(cal.onednn_speedup.get(prec, 1.0) - 1.0, 0.0)
-        cache.put(st, key, pw, {}, gain / (k * n * pw.element_size()))
-    return pw
-
-
 _PROBE_ROWS = (4, 1024, 320, 320, 16)  # samples, rows each, K, N, rank
 
 
@@ -395,21 +386,27 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         and (native and m_gemm == m or _planner.choose_precision(cal, x.dtype, m, k, n) != "fp32")
     )
     un_prec = _DTYPE_NAME[x.dtype] if native_un else "fp32"
-    # oneDNN with a prepacked weight where it measured faster than torch's GEMM (cpu_gemm.py)
-    onednn_mg = cal is not None and _planner.gemm_impl(cal, prec) == "onednn"
-    onednn_un = cal is not None and _planner.gemm_impl(cal, un_prec) == "onednn"
+    un_dt = x.dtype if native_un else ct
     mdt = x.dtype if native else ct  # merged GEMMs (and rows without adapters) run in mdt
+    # oneDNN with a prepacked weight where it measured faster than torch's GEMM (cpu_gemm.py);
+    # a layer whose packed W does not fit its budget runs torch's GEMM for W
+    onednn_mg = cal is not None and _planner.gemm_impl(cal, prec) == "onednn"
+    pw_un = pw_base = None
+    if cal is not None and _planner.gemm_impl(cal, un_prec) == "onednn":
+        pw_un = cpu_gemm.PACKED.get(lora_a, weight, un_dt)
+    if onednn_mg:
+        pw_base = pw_un if un_dt == mdt else cpu_gemm.PACKED.get(lora_a, weight, mdt)
     cache = _planner.CACHE
     st = None
-    if not grad and (half or (mode != "unmerged" and active) or onednn_mg or onednn_un):
+    if not grad and (half or (mode != "unmerged" and active)):
         st = hostplan.layer_state(h, weight, lora_a, lora_bt, tensors)
-    if not active and native and not onednn_mg:
+    if not active and native and pw_base is None:
         return torch.nn.functional.linear(x, weight, bias)  # the base layer itself
     # unmerged rows and upcast merged GEMMs compute in ct: float32 copies of half weights are
     # cached per layer, and not made where no torch GEMM in ct reads them (the copy would be
     # 2x W's bytes)
     w32 = None
-    need32 = (not native_un and not onednn_un) or (not native and not onednn_mg)
+    need32 = (not native_un and pw_un is None) or (not native and pw_base is None)
     if weight.dtype == ct or st is None:
         w32 = weight.to(ct)
     elif need32:
@@ -435,22 +432,18 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
         pack=cpu_gemm.pack if onednn_mg else None,
     )
     block = cal.row_block if cal is not None else 0
-    if not gp.n_merged and (active or not native):
+    if not gp.n_merged and (active or pw_base is None):
         sp, _ = _subplan(h, None, ct, x.device)
-        un_dt = x.dtype if native_un else ct
-        pw = _packed_weight(st, lora_a, weight, un_dt, cal, un_prec, m) if onednn_un else None
         if native_un:
-            y = _unmerged_native(sp, x, weight, b32, lora_a, lora_bt, ct, pw)
+            y = _unmerged_native(sp, x, weight, b32, lora_a, lora_bt, ct, pw_un)
         else:
-            y = _unmerged(sp, x.to(ct), w32, b32, lora_a, lora_bt, ct, block, pw)
-        _planner.record(k, n, prec, 0, gp.n_unmerged, 0, 0, "onednn" if onednn_un else "torch")
+            y = _unmerged(sp, x.to(ct), w32, b32, lora_a, lora_bt, ct, block, pw_un)
+        gemm = "torch" if pw_un is None else "onednn"
+        _planner.record(k, n, prec, 0, gp.n_unmerged, 0, 0, gemm)
         return y.to(x.dtype)
     y = torch.empty(m, n, dtype=mdt, device=x.device)
     xg = x.to(mdt)
-    if onednn_mg:
-        wbase = _packed_weight(st, lora_a, weight, mdt, cal, prec, m)
-    else:
-        wbase = weight if weight.dtype == mdt else w32
+    wbase = pw_base if pw_base is not None else weight if weight.dtype == mdt else w32
     bg = None if bias is None else bias.to(mdt)
     rest: list[int] = []
     for gi, (g, mg) in enumerate(zip(groups, gp.merged, strict=True)):
@@ -458,20 +451,18 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
             rest.extend(h.group_samples[gi])
             continue
         wg = wbase if g.rank == 0 else gp.weights[gi]
+        packed = onednn_mg and (g.rank > 0 or pw_base is not None)
         for r0, r1 in h.group_runs[gi]:
-            _gemm_into(y[r0:r1], xg[r0:r1], wg, bg, onednn_mg)
+            _gemm_into(y[r0:r1], xg[r0:r1], wg, bg, packed)
     if rest:
         # unmerged groups: their rows gathered (a view when contiguous) through the core in ct,
         # rounded once when written into y
         sp, spans = _subplan(h, tuple(sorted(rest)), ct, x.device)
         xs = hostplan.gather_rows(x, spans)
-        un_dt = x.dtype if native_un else ct
-        m_rest = xs.shape[0]
-        pw = _packed_weight(st, lora_a, weight, un_dt, cal, un_prec, m_rest) if onednn_un else None
         if native_un:
-            ys = _unmerged_native(sp, xs, weight, b32, lora_a, lora_bt, ct, pw)
+            ys = _unmerged_native(sp, xs, weight, b32, lora_a, lora_bt, ct, pw_un)
         else:
-            ys = _unmerged(sp, xs.to(ct), w32, b32, lora_a, lora_bt, ct, block, pw)
+            ys = _unmerged(sp, xs.to(ct), w32, b32, lora_a, lora_bt, ct, block, pw_un)
         hostplan.scatter_rows(y, ys, spans)
     gemm = "onednn" if onednn_mg else "torch"
     _planner.record(k, n, prec, gp.n_merged, gp.n_unmerged, gp.built, gp.hits, gemm)

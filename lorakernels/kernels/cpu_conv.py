@@ -160,7 +160,7 @@ def multi_lora_conv2d(
     n, k = w2.shape
     prec = hostplan.DTYPE_NAME[x.dtype]
     if mode == "unmerged":
-        _planner.record(k, n, prec, 0, sum(1 for g in groups if g.rank), 0, 0)
+        _planner.record(k, n, prec, 0, sum(1 for g in groups if g.rank), 0, 0, "conv2d")
         return _unmerged(x, weight, bias, h, None, lora_a, lora_bt, conv, ct).to(x.dtype)
     cal = _planner.calibration() if mode == "auto" else None
     # the GEMM rate that prices a conv in x.dtype (a CPU without native half GEMMs has no
@@ -185,7 +185,7 @@ def multi_lora_conv2d(
         rows_per_item=_out_pixels(x, conv),
     )
     if not gp.n_merged:
-        _planner.record(k, n, prec, 0, gp.n_unmerged, 0, 0)
+        _planner.record(k, n, prec, 0, gp.n_unmerged, 0, 0, "conv2d")
         return _unmerged(x, weight, bias, h, None, lora_a, lora_bt, conv, ct).to(x.dtype)
     y = None
     rest: list[int] = []
@@ -212,7 +212,7 @@ def multi_lora_conv2d(
         xs = hostplan.gather_rows(x, spans)
         ys = _unmerged(xs, weight, bias, h, samples, lora_a, lora_bt, conv, ct)
         hostplan.scatter_rows(y, ys, spans)
-    _planner.record(k, n, prec, gp.n_merged, gp.n_unmerged, gp.built, gp.hits)
+    _planner.record(k, n, prec, gp.n_merged, gp.n_unmerged, gp.built, gp.hits, "conv2d")
     return y
 
 
