@@ -44,6 +44,7 @@ def info() -> str:
         lines.append(f"native CUDA library: {'present' if present else 'absent'} ({why})")
     except ImportError:
         lines.append("native CUDA library: not part of this build")
+    lines.append(_cpu_gemm_line())
     for dev in devices:
         from .ops import resolve_backend
 
@@ -52,6 +53,28 @@ def info() -> str:
             reason = unavailable_reason(name, dev)
             lines.append(f"  {name:10s} {'ok' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
+
+
+def _cpu_gemm_line() -> str:
+    """Which GEMM the cpu backend runs per precision (kernels/cpu_gemm.py), from the cached
+    calibration when there is one (this report measures nothing)."""
+    import json
+
+    from . import plan
+    from .kernels import cpu_gemm
+
+    head = f"cpu GEMM: LORAKERNELS_CPU_GEMM={cpu_gemm.requested()}, oneDNN prepacked " + (
+        "available" if cpu_gemm.available() else "unavailable"
+    )
+    try:
+        stored = json.loads((plan.cache_dir() / "plan-calibration.json").read_text())
+        speedups = stored[plan.calibration_key()]["onednn_speedup"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return head + "; not calibrated yet on this machine (the first layer call measures)"
+    picks = ", ".join(
+        f"{p} {cpu_gemm.choice(speedups, p)} (oneDNN {v:.2f}x torch)" for p, v in speedups.items()
+    )
+    return f"{head}; measured: {picks}"
 
 
 def _info_main(argv: list[str]) -> int:

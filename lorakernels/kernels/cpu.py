@@ -33,7 +33,7 @@ Why this shape (measured on our 2-core AVX-512 CPUs, 16 samples, 8 rank-16 adapt
 
 Which GEMM (:mod:`.cpu_gemm`): torch's, or oneDNN's with ``W`` (and every merged weight)
 reordered once into oneDNN's layout and cached, per precision where the calibration measured
-oneDNN at least 1.15x faster. On a 2-core AMD EPYC torch's float32 GEMM (MKL's sgemm) ran at
+oneDNN at least 1.25x faster. On a 2-core AMD EPYC torch's float32 GEMM (MKL's sgemm) ran at
 ~170 GFLOP/s and oneDNN's at ~410-480, so there every float32 GEMM of this backend goes to
 oneDNN (the unmerged rows' base GEMM with the LoRA term added in its epilogue); the thin
 LoRA GEMMs stay torch's (``bmm`` has no prepacked form). Row blocks apply to torch's GEMM only.
