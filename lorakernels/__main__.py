@@ -72,7 +72,9 @@ def _cpu_gemm_line() -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return head + "; not calibrated yet on this machine (the first layer call measures)"
     picks = ", ".join(
-        f"{p} {cpu_gemm.choice(speedups, p)} (oneDNN {v:.2f}x torch)" for p, v in speedups.items()
+        f"{p} {cpu_gemm.choice(speedups, p)} for W, {cpu_gemm.choice(speedups, p, True)} for "
+        f"merged weights (oneDNN {v:.2f}x torch)"
+        for p, v in speedups.items()
     )
     return f"{head}; measured: {picks}"
 

@@ -204,12 +204,23 @@ class Calibration:
     onednn_speedup: dict[str, float] = field(default_factory=dict)
 
 
-def gemm_impl(cal: Calibration, prec: str) -> str:
+def gemm_impl(cal: Calibration, prec: str, merged: bool = False) -> str:
     """The cpu backend's GEMM in precision ``prec``: ``"onednn"`` (prepacked weight) or
-    ``"torch"``, by ``LORAKERNELS_CPU_GEMM`` or the measured speed-up (kernels/cpu_gemm.py)."""
+    ``"torch"``, by ``LORAKERNELS_CPU_GEMM`` or the measured speed-up (kernels/cpu_gemm.py);
+    ``merged``: for merged weights (a lower bar: packing them costs no memory)."""
     from .kernels import cpu_gemm
 
-    return cpu_gemm.choice(cal.onednn_speedup, prec)
+    return cpu_gemm.choice(cal.onednn_speedup, prec, merged)
+
+
+def merged_flops(cal: Calibration, prec: str) -> float:
+    """FLOP/s of the merged groups' GEMMs: ``gemm_flops`` was fitted with the layer GEMM
+    (:func:`gemm_impl`); where merged weights run oneDNN and ``W`` runs torch's, scaled by
+    the measured speed-up."""
+    rate = cal.gemm_flops[prec]
+    if gemm_impl(cal, prec, merged=True) != gemm_impl(cal, prec):
+        rate *= max(cal.onednn_speedup.get(prec, 1.0), 1.0)
+    return rate
 
 
 def calibration_key() -> str:
@@ -407,7 +418,8 @@ def lora_time(cal: Calibration, m: int, k: int, n: int, rank: int) -> float:
 
 def run_overhead(cal: Calibration, m: int, k: int, n: int, prec: str = "fp32") -> float:
     """Seconds one GEMM call over ``m`` rows of a ``[K, N]`` weight costs beyond its FLOPs at
-    the big-GEMM rate: what running a merged group as its own GEMMs pays per run.
+    the big-GEMM rate: what running a merged group as its own GEMMs pays per run (with the
+    merged weights' GEMM, ``gemm_impl(cal, prec, merged=True)``).
 
     The model's ``call_s + pack_s·K·N`` is fitted at 640x640; with a measured calibration the
     real figure is measured once per (precision, rows rounded up to a power of two, K, N,
@@ -420,9 +432,9 @@ def run_overhead(cal: Calibration, m: int, k: int, n: int, prec: str = "fp32") -
         return model
     rows = 1 << max(0, m - 1).bit_length()
     key = (prec, rows, k, n, torch.get_num_threads())
-    hit = _RUN_OVERHEAD.get(key + (gemm_impl(cal, prec),))
+    impl = gemm_impl(cal, prec, merged=True)
+    hit = _RUN_OVERHEAD.get(key + (impl,))
     if hit is None:
-        impl = gemm_impl(cal, prec)
         hit = _RUN_OVERHEAD[key + (impl,)] = _measure_run_overhead(prec, rows, k, n, impl)
     return max(model, hit)
 
@@ -523,11 +535,11 @@ def decide(
     def lora(g: Group) -> float:
         return lora_time(cal, g.rows, k, n, g.rank) - 2 * cal.call_s
 
+    rate = merged_flops(cal, prec)
+
     def run_cost(g: Group) -> float:
         m_run = math.ceil(g.rows / g.runs)
-        return 2.0 * g.rows * k * n / cal.gemm_flops[prec] + g.runs * run_overhead(
-            cal, m_run, k, n, prec
-        )
+        return 2.0 * g.rows * k * n / rate + g.runs * run_overhead(cal, m_run, k, n, prec)
 
     merged, gains = [], []
     for g, c, acc in zip(groups, cached, credit, strict=True):

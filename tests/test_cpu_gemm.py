@@ -71,6 +71,42 @@ def test_choice_by_measurement_and_environment(monkeypatch):
         cpu_gemm.choice({}, "fp32")
 
 
+def test_merged_weights_take_onednn_at_any_measured_gain():
+    """A merged weight is packed when built (no extra copy), so it has the lower bar."""
+    assert cpu_gemm.choice({"bf16": 1.1}, "bf16") == "torch"  # W: below MIN_SPEEDUP
+    assert cpu_gemm.choice({"bf16": 1.1}, "bf16", merged=True) == "onednn"
+    assert cpu_gemm.choice({"bf16": 0.97}, "bf16", merged=True) == "torch"  # slower
+    assert cpu_gemm.choice({"bf16": 0.0}, "bf16", merged=True) == "torch"  # unavailable
+    assert cpu_gemm.choice({}, "fp32", merged=True) == "torch"  # not measured
+    assert cpu_gemm.MIN_SPEEDUP_MERGED <= cpu_gemm.MIN_SPEEDUP
+
+
+def test_merged_runs_are_priced_at_the_merged_gemm_rate():
+    cal = fake_calibration(onednn_speedup={"fp32": 1.1})
+    # W runs torch's GEMM (1.1 < 1.25), merged weights oneDNN's: 1.1x the fitted rate
+    assert plan.merged_flops(cal, "fp32") == pytest.approx(1.1 * cal.gemm_flops["fp32"])
+    assert plan.merged_flops(fake_calibration(onednn_speedup={"fp32": 2.0}), "fp32") == 1e11
+
+
+@needs_onednn
+@pytest.mark.parametrize("frac_empty", [0.0, 0.25])
+def test_merged_weights_on_onednn_while_w_stays_torch(frac_empty, monkeypatch):
+    """Speed-up between the two bars: merged groups run packed merged weights, ``W`` (rows
+    without adapters) is never packed; both checked against the float64 oracle."""
+    monkeypatch.setattr(cpu_gemm, "PACKED", cpu_gemm.PackedWeights(budget_bytes=2**30))
+    plan.set_calibration(fake_calibration(onednn_speedup={"fp32": 1.1}))
+    p = problem(seed=41, frac_empty=frac_empty)
+    oracle = peft_style_oracle(p)
+    for _ in range(2):
+        y = run(p, "merged")
+        assert float((y.double() - oracle).abs().max()) <= tolerance(p, oracle)
+    assert gemms() == {"onednn"}
+    assert cpu_gemm.PACKED.packs == 0 and len(cpu_gemm.PACKED) == 0
+    y = run(p, "unmerged")  # the unmerged rows' base GEMM is W's: torch
+    assert float((y.double() - oracle).abs().max()) <= tolerance(p, oracle)
+    assert gemms() == {"torch"} and cpu_gemm.PACKED.packs == 0
+
+
 @needs_onednn
 def test_explicit_choice_is_part_of_the_calibration_key(monkeypatch):
     auto = plan.calibration_key()

@@ -31,9 +31,10 @@ Why this shape (measured on our 2-core AVX-512 CPUs, 16 samples, 8 rank-16 adapt
   grouping, the decisions and the merged weights come from :mod:`.hostplan`, which the
   triton backend shares; this module keeps the unmerged core and the GEMMs.
 
-Which GEMM (:mod:`.cpu_gemm`): torch's, or oneDNN's with ``W`` (and every merged weight)
-reordered once into oneDNN's layout and cached, per precision where the calibration measured
-oneDNN at least 1.25x faster. On a 2-core AMD EPYC torch's float32 GEMM (MKL's sgemm) ran at
+Which GEMM (:mod:`.cpu_gemm`): torch's, or oneDNN's with the weight reordered once into
+oneDNN's layout and cached, per precision: for ``W`` where the calibration measured oneDNN at
+least 1.25x faster, for merged weights where it measured it faster at all (packed when built,
+so no extra memory). On a 2-core AMD EPYC torch's float32 GEMM (MKL's sgemm) ran at
 ~170 GFLOP/s and oneDNN's at ~410-480, so there every float32 GEMM of this backend goes to
 oneDNN (the unmerged rows' base GEMM with the LoRA term added in its epilogue); the thin
 LoRA GEMMs stay torch's (``bmm`` has no prepacked form). Row blocks apply to torch's GEMM only.
@@ -388,13 +389,14 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
     un_prec = _DTYPE_NAME[x.dtype] if native_un else "fp32"
     un_dt = x.dtype if native_un else ct
     mdt = x.dtype if native else ct  # merged GEMMs (and rows without adapters) run in mdt
-    # oneDNN with a prepacked weight where it measured faster than torch's GEMM (cpu_gemm.py);
-    # a layer whose packed W does not fit its budget runs torch's GEMM for W
-    onednn_mg = cal is not None and _planner.gemm_impl(cal, prec) == "onednn"
+    # oneDNN with a prepacked weight where it measured faster than torch's GEMM (cpu_gemm.py):
+    # merged weights at any gain (packed when built, no extra bytes), W only at >= 1.25x (its
+    # packed copy costs K·N words); a layer whose packed W does not fit runs torch's GEMM for W
+    onednn_mg = cal is not None and _planner.gemm_impl(cal, prec, merged=True) == "onednn"
     pw_un = pw_base = None
     if cal is not None and _planner.gemm_impl(cal, un_prec) == "onednn":
         pw_un = cpu_gemm.PACKED.get(lora_a, weight, un_dt)
-    if onednn_mg:
+    if cal is not None and _planner.gemm_impl(cal, prec) == "onednn":
         pw_base = pw_un if un_dt == mdt else cpu_gemm.PACKED.get(lora_a, weight, mdt)
     cache = _planner.CACHE
     st = None
@@ -451,7 +453,7 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
             rest.extend(h.group_samples[gi])
             continue
         wg = wbase if g.rank == 0 else gp.weights[gi]
-        packed = onednn_mg and (g.rank > 0 or pw_base is not None)
+        packed = onednn_mg if g.rank > 0 else pw_base is not None
         for r0, r1 in h.group_runs[gi]:
             _gemm_into(y[r0:r1], xg[r0:r1], wg, bg, packed)
     if rest:

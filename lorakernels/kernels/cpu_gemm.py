@@ -4,14 +4,19 @@
 calls MKL's ``sgemm`` for float32 and oneDNN for bf16/fp16 on CPU) or through oneDNN with
 ``W`` reordered once into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight`` and
 ``_linear_pointwise``, the pair Inductor's CPU weight freezing emits). The calibration times
-both per precision on first use (:func:`speedup`) and the cpu backend takes oneDNN only where
-it measured at least :data:`MIN_SPEEDUP` (1.25) times faster.
+both per precision on first use (:func:`speedup`) and the cpu backend takes oneDNN for a
+layer's own ``W`` only where it measured at least :data:`MIN_SPEEDUP` (1.25) times faster (a
+packed copy of ``W`` costs memory), and for merged weights wherever it measured faster at all
+(:data:`MIN_SPEEDUP_MERGED`: a merged weight is a copy made anyway, packing it costs nothing).
 
 Why: on a 2-core AMD EPYC (family 26, AVX-512), torch 2.13, 2 threads, float32:
 ``F.linear`` 74 ms against 32 ms prepacked at (4096, 1280, 1280), 3.5 vs 1.4 ms at
 (1232, 768, 320), 0.47 vs 0.19 ms at (154, 768, 320) (medians of 30): torch's float32 GEMM
 ran at ~170 GFLOP/s there and oneDNN's at ~410. bf16 already goes to oneDNN through torch,
-prepacking gained 5-15 %. A CPU where MKL is the faster float32 GEMM keeps torch's.
+prepacking gained 5-15 % at mid-size shapes, but far more on short row runs with a bias: sixteen
+77-row runs at (768, 320) with a bias took 1.62x one ``F.linear`` over all 1232 rows through
+torch, 1.06x through oneDNN with packed weights (torch's bf16 ``addmm`` pays its bias per call).
+A CPU where MKL is the faster float32 GEMM keeps torch's.
 
 Numerics: both accumulate in the input dtype's accumulator (float32 for float32 and half
 inputs) and round once; they differ only in summation order (~1e-7 of ``|x|·|W|`` rows in
@@ -43,6 +48,7 @@ from torch import Tensor
 __all__ = [
     "IMPLS",
     "MIN_SPEEDUP",
+    "MIN_SPEEDUP_MERGED",
     "PACKED",
     "PackedWeights",
     "available",
@@ -58,6 +64,8 @@ IMPLS = ("auto", "torch", "onednn")
 # and prepacked bf16 measured 1.04x and 1.16x torch's in two calibrations on one EPYC (a
 # threshold inside that noise would flip the choice between runs); float32 there: 2.3x
 MIN_SPEEDUP = 1.25
+# merged weights: any measured gain (their packed form replaces the plain one, no extra bytes)
+MIN_SPEEDUP_MERGED = 1.0
 
 
 def available() -> bool:
@@ -84,16 +92,21 @@ def requested() -> str:
     return env
 
 
-def choice(speedups: dict[str, float], prec: str) -> str:
+def choice(speedups: dict[str, float], prec: str, merged: bool = False) -> str:
     """``"onednn"`` or ``"torch"`` for GEMMs in precision ``prec`` (``"fp32"``, ``"bf16"``,
     ``"fp16"``): the environment variable, else the calibration's measured ``speedups``
-    (torch's time / oneDNN's, per precision). Other precisions (float64) always use torch."""
+    (torch's time / oneDNN's, per precision) against :data:`MIN_SPEEDUP`, or
+    :data:`MIN_SPEEDUP_MERGED` for ``merged`` weights (built and packed once, cached as the
+    packed form). Other precisions (float64) always use torch; a speed-up of 0 (oneDNN
+    unavailable or not measured) never picks oneDNN."""
     if prec not in ("fp32", "bf16", "fp16"):
         return "torch"
     env = requested()
     if env != "auto":
         return env
-    return "onednn" if speedups.get(prec, 0.0) >= MIN_SPEEDUP else "torch"
+    bar = MIN_SPEEDUP_MERGED if merged else MIN_SPEEDUP
+    got = speedups.get(prec, 0.0)
+    return "onednn" if got > 0 and got >= bar else "torch"
 
 
 def pack(w: Tensor) -> Tensor:
