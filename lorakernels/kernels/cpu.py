@@ -394,10 +394,13 @@ def _forward(x, weight, bias, lora_a, lora_bt, tensors) -> Tensor:
     # packed copy costs K·N words); a layer whose packed W does not fit runs torch's GEMM for W
     onednn_mg = cal is not None and _planner.gemm_impl(cal, prec, merged=True) == "onednn"
     pw_un = pw_base = None
-    if cal is not None and _planner.gemm_impl(cal, un_prec) == "onednn":
-        pw_un = cpu_gemm.PACKED.get(lora_a, weight, un_dt)
-    if cal is not None and _planner.gemm_impl(cal, prec) == "onednn":
-        pw_base = pw_un if un_dt == mdt else cpu_gemm.PACKED.get(lora_a, weight, mdt)
+    if cal is not None:
+        w_impl = _planner.gemm_impl(cal, prec)
+        un_impl = w_impl if un_prec == prec else _planner.gemm_impl(cal, un_prec)
+        if un_impl == "onednn":
+            pw_un = cpu_gemm.PACKED.get(lora_a, weight, un_dt)
+        if w_impl == "onednn":
+            pw_base = pw_un if un_dt == mdt else cpu_gemm.PACKED.get(lora_a, weight, mdt)
     cache = _planner.CACHE
     st = None
     if not grad and (half or (mode != "unmerged" and active)):

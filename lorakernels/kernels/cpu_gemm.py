@@ -98,15 +98,14 @@ def choice(speedups: dict[str, float], prec: str, merged: bool = False) -> str:
     (torch's time / oneDNN's, per precision) against :data:`MIN_SPEEDUP`, or
     :data:`MIN_SPEEDUP_MERGED` for ``merged`` weights (built and packed once, cached as the
     packed form). Other precisions (float64) always use torch; a speed-up of 0 (oneDNN
-    unavailable or not measured) never picks oneDNN."""
+    unavailable or not measured) is below both bars."""
     if prec not in ("fp32", "bf16", "fp16"):
         return "torch"
     env = requested()
     if env != "auto":
         return env
     bar = MIN_SPEEDUP_MERGED if merged else MIN_SPEEDUP
-    got = speedups.get(prec, 0.0)
-    return "onednn" if got > 0 and got >= bar else "torch"
+    return "onednn" if speedups.get(prec, 0.0) >= bar else "torch"
 
 
 def pack(w: Tensor) -> Tensor:
